@@ -1,0 +1,28 @@
+# One venv, pinned torch (constraints.txt): `make demo` runs the main job, `make test` the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test bench lint
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/mm1data demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PIP) -e '.[test,bench]'
+	$(PY) bench/download.py
+
+lint: install
+	$(VENV)/bin/ruff check mm1data tests bench

@@ -1,0 +1,108 @@
+"""Annotate-only filters: each writes its score column and marks failing, still-kept rows with drop_reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import yaml
+
+from mm1data.config import ConfigError
+from mm1data.registry import get_filter
+from mm1data.stage import Batch, Resources
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    name: str  # registry key; also the score column and the drop_reason
+    min: float = -np.inf
+    max: float = np.inf
+    params: dict[str, Any] = field(default_factory=dict)  # filter-specific keys (e.g. lang: languages)
+
+
+class Filter:
+    """Sets batch[name] = score; marks failing, still-kept rows with drop_reason = name. NaN scores pass."""
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Any]] = {}  # accepted extra keys and their defaults
+    needs: ClassVar[tuple[str, ...]] = ()  # columns that a scorer must have added first (e.g. clip_score)
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        self.min, self.max = cfg.min, cfg.max
+        self.p = {**self.params, **cfg.params}
+
+    def score(self, batch: Batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        batch[self.name] = s = np.asarray(self.score(batch), dtype=np.float32)
+        failed = ((s < self.min) | (s > self.max)) & (batch["drop_reason"] == "")
+        batch["drop_reason"] = np.where(failed, self.name, batch["drop_reason"]).astype(object)
+        return batch
+
+
+class FilterChain:
+    """Applies an ordered list of filters to each batch (one map_batches stage; models load once per actor)."""
+
+    resources: ClassVar[Resources] = Resources(num_cpus=1.0, batch_size=256)
+
+    def __init__(self, cfg: tuple[FilterConfig, ...]) -> None:
+        self.filters = [get_filter(c.name)(c) for c in cfg]
+
+    def __call__(self, batch: Batch) -> Batch:
+        for f in self.filters:
+            batch = f(batch)
+        return batch
+
+
+_CHAINS: dict[str, FilterChain] = {}
+
+
+def apply_chain(batch: Batch, cfg: tuple[FilterConfig, ...]) -> Batch:
+    """FilterChain as a plain Ray task: no actor holds CPUs while idle; models are cached per worker process."""
+    key = repr(cfg)
+    if key not in _CHAINS:
+        _CHAINS[key] = FilterChain(cfg)
+    return _CHAINS[key](batch)
+
+
+def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> tuple[FilterConfig, ...]:
+    """A chain file's path (or preset name in filters/) or an inline list of {name, min, max, ...} -> configs."""
+    where = "filters"
+    if isinstance(spec, str):
+        path = _find_chain(spec, search_dirs)
+        where = str(path)
+        spec = yaml.safe_load(path.read_text()) or []
+        if isinstance(spec, dict):
+            spec = spec.get("filters", [])
+    if not isinstance(spec, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of filters")
+    out = []
+    for i, entry in enumerate(spec):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}[{i}]: each filter needs a 'name'")
+        entry = dict(entry)
+        name = entry.pop("name")
+        try:
+            cls = get_filter(name)
+        except KeyError as e:
+            raise ConfigError(f"{where}[{i}]: {e.args[0]}") from None
+        lo, hi = entry.pop("min", -np.inf), entry.pop("max", np.inf)
+        unknown = sorted(set(entry) - set(cls.params))
+        if unknown:
+            raise ConfigError(f"{where}[{i}] ({name}): unknown key {unknown[0]!r} (known: min, max, "
+                              f"{', '.join(sorted(cls.params)) or '-'})")
+        out.append(FilterConfig(name, float(lo), float(hi), entry))
+    return tuple(out)
+
+
+def _find_chain(spec: str, search_dirs: tuple[str, ...]) -> Path:
+    candidates = [Path(spec)] + [Path(d) / spec for d in search_dirs]
+    if not spec.endswith((".yaml", ".yml")):
+        candidates += [Path(d) / f"{spec}.yaml" for d in ("filters", *search_dirs)]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"filter chain not found: {spec!r} (looked in: {', '.join(str(c) for c in candidates)})")

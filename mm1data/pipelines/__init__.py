@@ -1,0 +1,56 @@
+"""The stage graph of each corpus kind, built from a run config; `run_pipeline` is what `mm1data run` calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
+
+PIPELINES = {"caption": "mm1data.pipelines.caption"}  # kind -> module with Config and run(cfg, search_dirs)
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> tuple[Any, Any]:
+    """-> (pipeline module, validated config). The kind comes from the YAML's `pipeline` key or the file name."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, [parse_override(o) for o in overrides])
+    kind = raw.get("pipeline") or kind or (Path(path).stem if path else None)
+    if kind not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {kind!r} (known: {', '.join(PIPELINES)}); set `pipeline:` in the YAML")
+    module = importlib.import_module(PIPELINES[kind])
+    raw["pipeline"] = kind
+    return module, from_dict(module.Config, raw)
+
+
+def search_dirs(path: str | None) -> tuple[str, ...]:
+    """Where a relative filter chain is looked up: the run config's folder, its parent, and their filters/."""
+    if not path:
+        return ()
+    here = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(here)
+    return (here, parent, os.path.join(here, "filters"), os.path.join(parent, "filters"))
+
+
+def init_ray(address: str | None) -> None:
+    """Local Ray unless an address is given (`auto`, `ray://...`); reuses a running session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, include_dashboard=False)
+
+
+def run_pipeline(path: str | None, input_uri: str | None, output: str | None, overrides: list[str] = (),
+                 address: str | None = None) -> dict[str, Any]:
+    """Validate everything cheap first (config, filters, input, output), then run on Ray; returns index.json."""
+    module, cfg = load_run_config(path, overrides)
+    if input_uri:  # flags win over the YAML; taken as strings, not YAML-parsed
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=input_uri))
+    if output:
+        cfg = dataclasses.replace(cfg, output=output)
+    if not cfg.output:
+        raise ConfigError("no output: pass --output URI (or set output)")
+    cfg = dataclasses.replace(cfg, output=cfg.output.rstrip("/"))
+    return module.run(cfg, search_dirs(path), address)

@@ -1,0 +1,296 @@
+"""Input reading: list input files, cut them into work units (file + row range), read a unit into a batch.
+
+Units are small and deterministic, so reading parallelises on Ray and every row has a stable key derived
+from (input file relative to the input root, row number). Per-row problems become drop reasons here:
+malformed_row (bad JSON line or CSV record), missing_url, caption_utf8 (invalid UTF-8), empty_caption.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from mm1data import storage
+from mm1data.config import ConfigError
+from mm1data.schema import make_key
+from mm1data.stage import Batch
+
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz",
+           ".json.gz": "jsonl.gz", ".csv": "csv", ".tsv": "tsv"}
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = ""  # file, directory or glob, local or s3:// (the --input flag sets it)
+    format: str = "auto"  # auto (by extension) | parquet | jsonl | jsonl.gz | csv | tsv
+    url_col: str = "url"
+    caption_col: str = "caption"
+    extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
+    rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A deterministic slice of one input file: rows [start, stop), at bytes [byte_start, byte_stop) for text."""
+
+    uri: str
+    source: str  # the file's path relative to the input root: the namespace of its keys
+    fmt: str
+    start: int
+    stop: int
+    byte_start: int = 0
+    byte_stop: int = 0
+    row_groups: tuple[int, ...] = ()  # parquet
+    header: tuple[str, ...] = ()  # csv/tsv
+
+
+def detect_format(uri: str, fmt: str) -> str | None:
+    if fmt != "auto":
+        return fmt
+    name = uri.lower()
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(ext):
+            return FORMATS[ext]
+    return None
+
+
+def list_inputs(cfg: InputConfig) -> list[tuple[str, str, str]]:
+    """-> [(uri, source, fmt)] sorted; fails fast with a message naming the location."""
+    if not cfg.path:
+        raise ConfigError("no input: pass --input URI (or set input.path)")
+    try:
+        files = storage.list_files(cfg.path)
+    except Exception as e:
+        raise ConfigError(f"cannot read input location {cfg.path!r}: {e}") from e
+    root = cfg.path
+    if any(c in root for c in "*?["):
+        root = root[: min(root.index(c) for c in "*?[" if c in root)]
+        root = root.rsplit("/", 1)[0]
+    elif len(files) == 1 and files[0] == cfg.path:
+        root = cfg.path.rsplit("/", 1)[0] if "/" in cfg.path else ""
+    out = []
+    for f in files:
+        fmt = detect_format(f, cfg.format)
+        if fmt is None or os.path.basename(f).startswith((".", "_")):
+            continue  # _SUCCESS, .crc and other non-data files in a dataset directory
+        source = f[len(root) :].lstrip("/") if root and f.startswith(root) else os.path.basename(f)
+        out.append((f, source, fmt))
+    if not out:
+        raise ConfigError(f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv)")
+    return out
+
+
+# ---- planning ----------------------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Line iterator over a binary stream that tracks the byte position (for exact unit boundaries)."""
+
+    def __init__(self, f: io.BufferedIOBase) -> None:
+        self.f, self.pos = f, 0
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline()
+        if not line:
+            raise StopIteration
+        self.pos += len(line)
+        return line.decode("utf-8", "surrogateescape")
+
+
+def plan_units(cfg: InputConfig) -> list[Unit]:
+    """Cut every input file into units of about cfg.rows_per_unit rows; checks the required columns exist."""
+    units: list[Unit] = []
+    for uri, source, fmt in list_inputs(cfg):
+        try:
+            units += _plan_file(uri, source, fmt, cfg)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"cannot read input file {uri!r}: {type(e).__name__}: {e}") from e
+    return units
+
+
+def _require(columns: list[str], cfg: InputConfig, uri: str) -> None:
+    for col in (cfg.url_col, cfg.caption_col):
+        if col not in columns:
+            raise ConfigError(f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); "
+                              f"set input.url_col / input.caption_col")
+
+
+def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig) -> list[Unit]:
+    n = cfg.rows_per_unit
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.open_seekable(uri) as f:
+            md = pq.ParquetFile(f).metadata
+            _require(md.schema.to_arrow_schema().names, cfg, uri)
+            units, group, rows, start = [], [], 0, 0
+            for g in range(md.num_row_groups):
+                group.append(g)
+                rows += md.row_group(g).num_rows
+                if rows - start >= n or g == md.num_row_groups - 1:
+                    units.append(Unit(uri, source, fmt, start, rows, row_groups=tuple(group)))
+                    group, start = [], rows
+            return [u for u in units if u.stop > u.start]
+    if fmt == "jsonl.gz":  # gzip cannot seek: the whole file is one unit
+        with gzip.open(storage.open_read(uri)) as f:
+            count, first = 0, None
+            for line in f:
+                if line.strip():
+                    first = first or line
+                    count += 1
+        _check_jsonl_first(first, cfg, uri)
+        return [Unit(uri, source, fmt, 0, count)] if count else []
+    with storage.open_read(uri) as raw:
+        lines = _Lines(io.BufferedReader(raw) if storage.is_s3(uri) else raw)
+        header: tuple[str, ...] = ()
+        if fmt in ("csv", "tsv"):
+            reader = csv.reader(lines, delimiter="," if fmt == "csv" else "\t")
+            header = tuple(next(reader, []))
+            _require(list(header), cfg, uri)
+            records: Iterator[Any] = reader
+        else:
+            records = (line for line in lines if line.strip())
+        units, start, byte_start, row, first = [], 0, lines.pos, 0, None
+        for rec in records:
+            if first is None and fmt == "jsonl":
+                first = rec
+            row += 1
+            if row - start >= n:
+                units.append(Unit(uri, source, fmt, start, row, byte_start, lines.pos, header=header))
+                start, byte_start = row, lines.pos
+        if row > start:
+            units.append(Unit(uri, source, fmt, start, row, byte_start, lines.pos, header=header))
+    if fmt == "jsonl":
+        _check_jsonl_first(first, cfg, uri)
+    return units
+
+
+def _check_jsonl_first(line: Any, cfg: InputConfig, uri: str) -> None:
+    """The first record names the columns; a file whose first record lacks url or caption is a config error."""
+    if line is None:
+        return
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return  # a malformed first line is a per-row problem (malformed_row), not a config error
+    if isinstance(rec, dict):
+        _require(list(rec), cfg, uri)
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> tuple[str, bool]:
+    """-> (text, valid_utf8). bytes are decoded strictly; invalid bytes become U+FFFD and valid is False."""
+    if value is None:
+        return "", True
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), True
+        except UnicodeDecodeError:
+            return value.decode("utf-8", "replace"), False
+    if not isinstance(value, str):
+        return str(value), True
+    try:
+        value.encode("utf-8")
+        return value, True
+    except UnicodeEncodeError:  # lone surrogates from surrogateescape: the input bytes were not UTF-8
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
+
+
+def _records(unit: Unit) -> Iterator[dict[str, Any] | None]:
+    """Yield one dict per input row of the unit (None for a row that cannot be parsed)."""
+    if unit.fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with storage.open_seekable(unit.uri) as f:
+            table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups))
+        # strings as raw bytes, so invalid UTF-8 becomes a drop reason instead of an exception
+        cols = {name: (col.cast(pa.large_binary()) if pa.types.is_string(col.type) or
+                       pa.types.is_large_string(col.type) else col).to_pylist()
+                for name, col in zip(table.column_names, table.columns)}
+        for i in range(table.num_rows):
+            yield {name: values[i] for name, values in cols.items()}
+        return
+    if unit.fmt == "jsonl.gz":
+        with gzip.open(storage.open_read(unit.uri)) as f:
+            lines = (line.decode("utf-8", "surrogateescape") for line in f if line.strip())
+            yield from (_json_record(line) for line in lines)
+        return
+    data = storage.read_range(unit.uri, unit.byte_start, unit.byte_stop)
+    text = data.decode("utf-8", "surrogateescape")
+    if unit.fmt == "jsonl":
+        yield from (_json_record(line) for line in text.split("\n") if line.strip())
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if unit.fmt == "csv" else "\t")
+    for rec in reader:
+        yield dict(zip(unit.header, rec)) if len(rec) == len(unit.header) else None
+
+
+def _json_record(line: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
+    """-> key, src_file, src_row, url, caption, extra (JSON of the kept extra columns), drop_reason."""
+    keys, urls, caps, extras, reasons = [], [], [], [], []
+    for i, rec in enumerate(_records(unit)):
+        row = unit.start + i
+        keys.append(make_key(unit.source, row))
+        if rec is None:
+            urls.append(""), caps.append(""), extras.append("{}"), reasons.append("malformed_row")
+            continue
+        url, url_ok = _text(rec.get(cfg.url_col))
+        cap, cap_ok = _text(rec.get(cfg.caption_col))
+        extra_names = cfg.extra_cols if cfg.extra_cols is not None else [
+            k for k in rec if k not in (cfg.url_col, cfg.caption_col)]
+        extra = {k: _jsonable(rec.get(k)) for k in extra_names}
+        reason = ""
+        if not url.strip() or not url_ok:
+            reason = "missing_url"
+        elif not cap_ok:
+            reason = "caption_utf8"
+        elif not cap.strip():
+            reason = "empty_caption"
+        urls.append(url.strip()), caps.append(cap), extras.append(json.dumps(extra, ensure_ascii=False))
+        reasons.append(reason)
+    n = len(keys)
+    if unit.stop - unit.start != n:  # the file changed since planning: keys would no longer be stable
+        raise RuntimeError(f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
+                           "did the input change during the run?")
+    obj = lambda xs: np.array(xs, dtype=object) if xs else np.empty(0, dtype=object)  # noqa: E731
+    return {"key": obj(keys), "src_file": obj([unit.source] * n), "src_row": np.arange(unit.start, unit.stop),
+            "url": obj(urls), "caption": obj(caps), "extra": obj(extras), "drop_reason": obj(reasons)}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return _text(v)[0]
+    if isinstance(v, str):
+        return _text(v)[0]
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, float) and v != v:
+        return None
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return v

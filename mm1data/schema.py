@@ -1,0 +1,44 @@
+"""Sample kinds and their tar members (webdataset layout: `{key}.{ext}`, key = 16 hex chars, no dots)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("caption", "interleaved", "text")
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def make_key(source: str, row: int) -> str:
+    """Stable 16-hex key of input row `row` of input file `source` (its path relative to the input root)."""
+    return hashlib.sha256(f"{source}#{row}".encode()).hexdigest()[:16]
+
+
+def count_tokens(text: str) -> int:
+    """Text tokens by the project's default tokenizer: byte-level, one token per UTF-8 byte."""
+    return len(text.encode("utf-8"))
+
+
+@dataclass(slots=True)
+class CaptionSample:
+    """One image-caption pair; to_members() gives {key}.jpg (or .png/.webp), {key}.txt, {key}.json."""
+
+    key: str  # 16 hex chars, no dots
+    caption: str
+    image: bytes
+    image_ext: str = "jpg"
+    meta: dict[str, Any] = field(default_factory=dict)  # url, width, height, sha256, clip_score, source, ...
+
+    def to_members(self) -> dict[str, bytes]:
+        return {
+            f"{self.key}.{self.image_ext}": self.image,
+            f"{self.key}.json": json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode(),
+            f"{self.key}.txt": self.caption.encode("utf-8"),
+        }
+
+    @classmethod
+    def from_members(cls, key: str, members: dict[str, bytes]) -> "CaptionSample":
+        ext = next(e for e in IMAGE_EXTS if e in members)
+        return cls(key, members["txt"].decode("utf-8"), members[ext], ext, json.loads(members["json"]))

@@ -1,0 +1,1 @@
+"""Model-backed scorers, loaded once per actor (open_clip, fasttext language id)."""

@@ -1,0 +1,125 @@
+"""Tar shard writer, shard planning and the per-corpus index.json (written last, atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from mm1data import storage
+
+INDEX_VERSION = 1
+
+
+def shard_name(corpus: str, i: int) -> str:
+    return f"{corpus}-{i:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the corpus root
+    num_samples: int
+    num_images: int
+    bytes: int
+    sha256: str
+    offsets: str  # sidecar: little-endian uint64 start offset of each sample, then the end of the last one
+
+
+class TarShardWriter:
+    """Writes one tar shard; nothing is visible at `uri` until close() commits it whole.
+
+    Members get fixed mtime/uid/mode so the same samples give the same bytes (reruns are byte-identical).
+    The start offset of each sample is recorded so a reader can seek to sample i (O(1) resume).
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        fd, self._tmp = tempfile.mkstemp(dir=storage.local_tmp_dir(uri), prefix=".tmp-", suffix=".tar")
+        self._file = os.fdopen(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.offsets: list[int] = []
+        self.num_images = 0
+
+    def write(self, members: dict[str, bytes], num_images: int = 1) -> None:
+        """Append one sample: {member name: bytes}, all names starting with the same key."""
+        self.offsets.append(self._tar.offset)
+        for name in sorted(members):
+            data = members[name]
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.num_images += num_images
+
+    def close(self) -> ShardInfo:
+        end = self._tar.offset
+        self._tar.close()
+        self._file.close()
+        sha, size = _sha256_file(self._tmp)
+        offsets = self.uri[: -len(".tar")] + ".idx"
+        storage.write_bytes(offsets, struct.pack(f"<{len(self.offsets) + 1}Q", *self.offsets, end))
+        storage.put_file(self._tmp, self.uri)  # the tar last: a listed shard always has its offsets
+        return ShardInfo(os.path.basename(self.uri), len(self.offsets), self.num_images, size, sha, os.path.basename(offsets))
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+
+def read_offsets(uri: str) -> list[int]:
+    data = storage.read_bytes(uri)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def plan_shards(sizes: Iterable[int], max_samples: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Cut a sequence of sample sizes into [start, stop) ranges of at most max_samples and ~max_bytes each.
+
+    A shard closes before the sample that would take it over max_bytes (a single larger sample gets its own).
+    """
+    ranges, start, acc, n = [], 0, 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_samples or acc + size > max_bytes):
+            ranges.append((start, i))
+            start, acc = i, 0
+        acc += size
+        n = i + 1
+    if n > start:
+        ranges.append((start, n))
+    return ranges
+
+
+def build_index(kind: str, corpus: str, shards: list[ShardInfo], tokens: int, **extra: Any) -> dict[str, Any]:
+    """index.json: version, kind, totals (samples, images, text tokens, bytes), shards, then `extra`."""
+    totals = {
+        "samples": sum(s.num_samples for s in shards),
+        "images": sum(s.num_images for s in shards),
+        "tokens": tokens,
+        "bytes": sum(s.bytes for s in shards),
+    }
+    return {"version": INDEX_VERSION, "kind": kind, "corpus": corpus, "totals": totals,
+            "shards": [asdict(s) for s in shards], **extra}
+
+
+def write_index(root: str, index: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(root, "index.json"), json.dumps(index, indent=1, sort_keys=False).encode())
+
+
+def read_index(root_or_file: str) -> dict[str, Any]:
+    uri = root_or_file if root_or_file.endswith(".json") else storage.join(root_or_file, "index.json")
+    return json.loads(storage.read_bytes(uri))

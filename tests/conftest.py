@@ -1,0 +1,83 @@
+"""Shared fixtures: a local image server, tiny images, a moto S3 server and one Ray session for the suite."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm1data.demo import ImageServer, Route
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def jpeg(w: int = 320, h: int = 240, color: tuple = (200, 40, 40), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = np.full((h, w, 3), color, dtype=np.uint8)
+    arr[rng.integers(0, h, 50), rng.integers(0, w, 50)] = 255  # distinct bytes per seed
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header claiming a huge image, with a tiny body: the guard must refuse it before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def bad_routes() -> dict[str, Route]:
+    """Every bad input of the issue, by path (the good ones are added by each test)."""
+    good = jpeg(300, 260, seed=99)
+    return {
+        "/flaky.jpg": Route(jpeg(280, 280, seed=7), fail_first=1),  # 500 then success
+        "/slow.jpg": Route(jpeg(seed=8), delay_s=3.0),  # slower than the timeout
+        "/loop": Route(b"", status=302, headers={"Location": "/loop"}),
+        "/page.html": Route(b"<html></html>", headers={"Content-Type": "text/html"}),
+        "/truncated.jpg": Route(good[: len(good) // 2]),
+        "/random.jpg": Route(np.random.default_rng(1).bytes(5000)),
+        "/bomb.png": Route(png_bomb(), headers={"Content-Type": "image/png"}),
+        "/big.jpg": Route(jpeg(1600, 1600, seed=9) + b"\0" * 300_000),
+        "/noai.jpg": Route(jpeg(seed=10), headers={"Content-Type": "image/jpeg", "X-Robots-Tag": "noai"}),
+        "/forbidden.jpg": Route(b"no", status=403, headers={"Content-Type": "text/plain"}),
+    }
+
+
+@pytest.fixture
+def server():
+    with ImageServer({}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, reached by real boto3 through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    yield env
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole suite (started after the S3 env so workers inherit it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

@@ -1,0 +1,104 @@
+"""The download stage without Ray: every bad input becomes an exact drop reason; good images are resized."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import bad_routes, jpeg
+from PIL import Image
+
+from mm1data.demo import Route
+from mm1data.download import DownloadConfig, FetchError, ImageDownloader, decode_image, is_disallowed, resolve
+
+
+def run_stage(urls: list[str], **cfg) -> dict:
+    cfg = {"allow_private_hosts": True, "timeout_s": 1.0, "retries": 2, "backoff_s": 0.05, "max_bytes": 200_000,
+           "image_size": 128, **cfg}
+    batch = {"url": np.array(urls, dtype=object), "drop_reason": np.array([""] * len(urls), dtype=object)}
+    return ImageDownloader(DownloadConfig(**cfg))(batch)
+
+
+def test_every_bad_input_gets_its_reason(server):
+    server.routes.update(bad_routes())
+    server.routes["/ok.jpg"] = Route(jpeg(400, 300))
+    paths = ["/ok.jpg", "/missing.jpg", "/flaky.jpg", "/slow.jpg", "/loop", "/page.html", "/truncated.jpg",
+             "/random.jpg", "/bomb.png", "/big.jpg", "/noai.jpg", "/forbidden.jpg"]
+    out = run_stage([server.url(p) for p in paths])
+    assert list(out["drop_reason"]) == ["", "http_404", "", "timeout", "redirect_loop", "content_type",
+                                        "decode_error", "decode_error", "decompression_bomb", "too_large",
+                                        "robots_optout", "http_403"]
+    assert list(out["download_status"][:3]) == [200, 404, 200]
+    assert out["download_attempts"][2] == 2  # one 500, then success
+    assert server.routes["/flaky.jpg"].hits == 2
+    assert server.routes["/forbidden.jpg"].hits == 1  # 4xx is never retried
+    assert server.routes["/slow.jpg"].hits == 3  # timeouts are retried
+    assert out["image"][0][:2] == b"\xff\xd8" and out["image"][1] == b""
+    assert (out["width"][0], out["height"][0], out["orig_width"][0], out["orig_height"][0]) == (171, 128, 400, 300)
+    assert out["download_bytes"][0] == len(server.routes["/ok.jpg"].body)
+
+
+def test_private_addresses_refused_without_opt_in(server):
+    server.routes["/ok.jpg"] = Route(jpeg())
+    urls = [server.url("/ok.jpg"), "http://169.254.169.254/latest/meta-data/", "http://[::1]:1/x.jpg",
+            "http://10.0.0.1/x.jpg", "ftp://example.com/x.jpg"]
+    out = run_stage(urls, allow_private_hosts=False)
+    assert list(out["drop_reason"]) == ["private_host"] * 4 + ["bad_url"]
+    assert server.routes["/ok.jpg"].hits == 0  # refused before connecting
+
+
+def test_redirect_to_private_host_refused(server, monkeypatch):
+    import mm1data.download as dl
+
+    real = dl.resolve
+    # the test server counts as public here, every other address keeps the real check
+    monkeypatch.setattr(dl, "resolve", lambda h, p, allow: "127.0.0.1" if h == "127.0.0.1" else real(h, p, allow))
+    server.routes["/ok.jpg"] = Route(jpeg())
+    server.routes["/hop"] = Route(b"", status=302, headers={"Location": "http://169.254.169.254/"})
+    server.routes["/hop2"] = Route(b"", status=301, headers={"Location": "/ok.jpg"})
+    out = run_stage([server.url("/hop"), server.url("/hop2")], allow_private_hosts=False)
+    assert list(out["drop_reason"]) == ["private_host", ""]
+    monkeypatch.setattr(dl, "resolve", real)
+    with pytest.raises(FetchError, match="private_host"):
+        resolve("127.0.0.1", 80, allow_private=False)
+    assert resolve("127.0.0.1", 80, allow_private=True) == "127.0.0.1"
+
+
+def test_rows_already_dropped_are_not_fetched(server):
+    server.routes["/ok.jpg"] = Route(jpeg())
+    batch = {"url": np.array([server.url("/ok.jpg")] * 2, dtype=object),
+             "drop_reason": np.array(["", "empty_caption"], dtype=object)}
+    out = ImageDownloader(DownloadConfig(allow_private_hosts=True))(batch)
+    assert list(out["drop_reason"]) == ["", "empty_caption"]
+    assert server.routes["/ok.jpg"].hits == 1 and out["image"][1] == b""
+
+
+def test_x_robots_tag_parsing_matches_img2dataset():
+    d = ("noai", "noimageai", "noindex", "noimageindex")
+    assert is_disallowed(["noai"], d)
+    assert is_disallowed(["index, NoImageAI"], d)
+    assert is_disallowed(["mm1data: noai"], d)
+    assert not is_disallowed(["otherbot: noai"], d)
+    assert not is_disallowed(["index, follow"], d)
+
+
+@pytest.mark.parametrize("mode,size,expected", [
+    ("keep_ratio", 100, (133, 100)), ("keep_ratio_largest", 100, (100, 75)), ("center_crop", 100, (100, 100)),
+    ("border", 100, (100, 100)), ("no", 100, (400, 300)), ("keep_ratio", 1000, (400, 300)),
+])
+def test_resize_modes(mode, size, expected):
+    d = decode_image(jpeg(400, 300), DownloadConfig(resize_mode=mode, image_size=size))
+    assert (d.width, d.height) == expected
+    assert Image.open(io.BytesIO(d.data)).size == expected
+    assert (d.orig_width, d.orig_height) == (400, 300)
+
+
+def test_unchanged_image_keeps_original_bytes_and_alpha_goes_on_white():
+    body = jpeg(100, 80)
+    assert decode_image(body, DownloadConfig(image_size=512)).data == body
+    rgba = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    d = decode_image(buf.getvalue(), DownloadConfig(image_size=100))
+    assert d.ext == "jpg" and Image.open(io.BytesIO(d.data)).getpixel((50, 50))[0] > 240
