@@ -45,7 +45,7 @@ def from_dict(cls: type[T], raw: dict[str, Any] | None, where: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown config key {where + unknown[0]!r} (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:

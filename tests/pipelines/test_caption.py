@@ -1,0 +1,208 @@
+"""The caption pipeline end to end on Ray: local HTTP images, every bad input, S3 via moto, kill -9 and rerun."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from conftest import bad_routes, jpeg
+
+from mm1data.demo import ImageServer, Route
+from mm1data.pipelines import run_pipeline
+from mm1data.schema import make_key
+from mm1data.shards import read_index
+
+TINY = ["clip.model=mm1data-tiny-clip", "clip.pretrained=null", "download.allow_private_hosts=true",
+        "download.timeout_s=1", "download.backoff_s=0.05", "download.max_bytes=200000", "download.image_size=96"]
+FILTERS = 'filters=[{name: caption_words, min: 2}, {name: image_min_side, min: 100}]'
+
+
+def make_input(server: ImageServer, n_good: int = 24) -> tuple[list[dict], dict[str, str]]:
+    """Rows and the drop reason each must get (by row index)."""
+    rows, expect = [], {}
+    for i in range(n_good):
+        server.routes[f"/img/{i}.jpg"] = Route(jpeg(160 + 7 * i, 120 + 5 * i, seed=i))
+        rows.append({"url": server.url(f"/img/{i}.jpg"), "caption": f"a picture number {i}", "id": i})
+    server.routes.update(bad_routes())
+    for path, reason in [("/missing.jpg", "http_404"), ("/flaky.jpg", ""), ("/slow.jpg", "timeout"),
+                         ("/loop", "redirect_loop"), ("/page.html", "content_type"), ("/truncated.jpg", "decode_error"),
+                         ("/random.jpg", "decode_error"), ("/bomb.png", "decompression_bomb"), ("/big.jpg", "too_large"),
+                         ("/noai.jpg", "robots_optout")]:
+        expect[len(rows)] = reason
+        rows.append({"url": server.url(path), "caption": f"bad input {path}", "id": len(rows)})
+    server.routes["/small.jpg"] = Route(jpeg(60, 60, seed=500))
+    server.routes["/copy.jpg"] = server.routes["/img/0.jpg"]
+    for url, caption, reason in [(server.url("/small.jpg"), "a small picture", "image_min_side"),
+                                 (server.url("/img/1.jpg"), "one word", "dup_url"),
+                                 (server.url("/copy.jpg"), "the same image again", "dup_image"),
+                                 (server.url("/img/2.jpg"), "short", "caption_words"),
+                                 (server.url("/img/3.jpg"), "", "empty_caption")]:
+        expect[len(rows)] = reason
+        rows.append({"url": url, "caption": caption, "id": len(rows)})
+    return rows, expect
+
+
+def check_output(out: str, rows: list[dict], expect: dict[int, str], source: str) -> dict:
+    """Shards, meta and index agree with each other and with what each input row deserved."""
+    index = read_index(out)
+    kept = [i for i in range(len(rows)) if expect.get(i, "") == ""]
+    assert index["totals"]["samples"] == index["funnel"]["kept"] == len(kept)
+    meta = pq.read_table(os.path.join(out, "meta")).to_pylist()
+    assert len(meta) == len(rows) and len({m["key"] for m in meta}) == len(rows)
+    by_row = {m["src_row"]: m for m in meta}
+    assert {i: by_row[i]["drop_reason"] for i in range(len(rows))} == {i: expect.get(i, "") for i in range(len(rows))}
+    assert by_row[0]["key"] == make_key(source, 0)
+    paths = [os.path.join(out, s["path"]) for s in index["shards"]]
+    n_tar = 0
+    for p, s in zip(paths, index["shards"]):
+        with tarfile.open(p) as t:
+            names = t.getnames()
+        assert len(names) == 3 * s["num_samples"]
+        n_tar += s["num_samples"]
+    samples = list(wds.WebDataset(paths, shardshuffle=False))
+    assert n_tar == len(samples) == len(kept)
+    assert [s["__key__"] for s in samples] == [by_row[i]["key"] for i in kept]  # input order
+    first = json.loads(samples[0]["json"])
+    assert first["url"] == rows[0]["url"] and first["id"] == 0 and first["source"] == source
+    assert first["width"] == 96 * first["orig_width"] // first["orig_height"] or first["height"] == 96
+    assert isinstance(first["clip_score"], float) and samples[0]["txt"] == rows[0]["caption"].encode()
+    return index
+
+
+@pytest.mark.slow
+def test_caption_end_to_end_local(ray_session, server, tmp_path):
+    import ray
+
+    rows, expect = make_input(server)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    out = str(tmp_path / "out")
+    overrides = [*TINY, FILTERS, "shards.samples_per_shard=8", "input.rows_per_unit=10", "download.batch_size=8"]
+    index = run_pipeline("pipelines/caption.yaml", str(inp), out, overrides)
+    check_output(out, rows, expect, "in.parquet")
+    assert len(index["shards"]) == 4 and index["funnel"]["rows_in"] == len(rows)  # 25 kept, 8 per shard
+    assert index["funnel"]["dropped"]["decode_error"] == 2
+    assert "random weights" in index["warnings"][0]
+    assert index["config"]["filters"][0]["name"] == "caption_words"
+    ds = ray.data.read_webdataset([os.path.join(out, s["path"]) for s in index["shards"]], decoder=None)
+    assert ds.count() == index["totals"]["samples"]
+
+    # the same command again: nothing is redone, the output is identical
+    mtimes = {s["path"]: os.path.getmtime(os.path.join(out, s["path"])) for s in index["shards"]}
+    hits = server.routes["/img/5.jpg"].hits
+    again = run_pipeline("pipelines/caption.yaml", str(inp), out, overrides)
+    assert again["shards"] == index["shards"] and server.routes["/img/5.jpg"].hits == hits
+    assert mtimes == {s["path"]: os.path.getmtime(os.path.join(out, s["path"])) for s in again["shards"]}
+
+    with pytest.raises(Exception, match="different config"):
+        run_pipeline("pipelines/caption.yaml", str(inp), out, [*overrides, "download.image_size=64"])
+
+
+@pytest.mark.slow
+def test_caption_s3_in_and_out(ray_session, server, tmp_path):
+    """Input, output and CLIP weights on S3 (moto's server on 127.0.0.1, real boto3)."""
+    import open_clip
+    import torch
+
+    from mm1data.scorers.clip import MODEL_CONFIGS
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="data")
+    rows = []
+    for i in range(12):
+        server.routes[f"/s/{i}.jpg"] = Route(jpeg(200, 150, seed=100 + i))
+        rows.append({"url": server.url(f"/s/{i}.jpg"), "caption": f"image number {i}"})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    s3.put_object(Bucket="data", Key="in/part-0.parquet", Body=buf.getvalue())
+    open_clip.add_model_config(MODEL_CONFIGS)
+    torch.manual_seed(0)
+    model = open_clip.create_model("mm1data-tiny-clip", pretrained=None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), ckpt)
+    s3.upload_file(str(ckpt), "data", "models/tiny.pt")
+
+    overrides = [*TINY, "filters=[]", "shards.samples_per_shard=5", "clip.pretrained=s3://data/models/tiny.pt"]
+    index = run_pipeline("pipelines/caption.yaml", "s3://data/in/", "s3://data/out", overrides)
+    assert index["totals"]["samples"] == 12 and len(index["shards"]) == 3 and index["warnings"] == []
+    stored = json.loads(s3.get_object(Bucket="data", Key="out/index.json")["Body"].read())
+    assert stored["shards"] == index["shards"]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="out/")["Contents"]}
+    assert {"out/caption-000000.tar", "out/caption-000002.idx", "out/meta/part-000000.parquet"} <= keys
+    local = []
+    for s in index["shards"]:
+        path = tmp_path / s["path"]
+        s3.download_file("data", f"out/{s['path']}", str(path))
+        local.append(str(path))
+    samples = list(wds.WebDataset(local, shardshuffle=False))
+    assert [json.loads(x["json"])["url"] for x in samples] == [r["url"] for r in rows]
+    scores = [json.loads(x["json"])["clip_score"] for x in samples]
+    assert all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
+
+
+def _wait_for(pred, proc, timeout=120.0) -> bool:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["staging", "shards"])
+def test_kill_9_then_rerun_finishes_without_loss_or_duplicates(tmp_path, phase):
+    """A real run of the CLI, killed with SIGKILL mid-way, then the same command again."""
+    with ImageServer({}) as server:
+        rows = []
+        for i in range(80):
+            server.routes[f"/k/{i}.jpg"] = Route(jpeg(120, 100, seed=1000 + i), delay_s=0.05)
+            rows.append({"url": server.url(f"/k/{i}.jpg"), "caption": f"killed run image {i}"})
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "mm1data.cli", "run", "pipelines/caption.yaml", "--input", str(inp),
+               "--output", str(out), *[a for o in [*TINY, "filters=[]", "clip.enabled=false",
+                                                   "download.threads=2", "download.batch_size=4",
+                                                   "input.rows_per_unit=8", "shards.samples_per_shard=2",
+                                                   "shards.workers=1"] for a in ("--set", o)]]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+        log = open(tmp_path / "run1.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        staged = out / "_staging" / "rows"
+        if phase == "staging":
+            ready = lambda: staged.is_dir() and len(list(staged.glob("part-*.parquet"))) >= 3  # noqa: E731
+        else:
+            ready = lambda: len(list(out.glob("caption-*.tar"))) >= 3  # noqa: E731
+        reached = _wait_for(ready, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert reached, (tmp_path / "run1.log").read_text()[-3000:]
+        assert not (out / "index.json").exists()
+        before = {p.name: p.stat().st_mtime for p in out.glob("caption-*.tar")}
+
+        done = subprocess.run(cmd, capture_output=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stdout.decode()[-3000:] + done.stderr.decode()[-3000:]
+
+    index = read_index(str(out))
+    assert index["totals"]["samples"] == 80 and index["funnel"]["rows_in"] == 80
+    meta = pq.read_table(out / "meta").to_pylist()
+    assert sorted(m["key"] for m in meta) == sorted(make_key("in.jsonl", i) for i in range(80))
+    samples = list(wds.WebDataset([str(out / s["path"]) for s in index["shards"]], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [make_key("in.jsonl", i) for i in range(80)]
+    if phase == "shards":  # committed shards were not rewritten
+        after = {p.name: p.stat().st_mtime for p in out.glob("caption-*.tar")}
+        assert before and all(after[name] == t for name, t in before.items())
