@@ -21,12 +21,14 @@ import math
 import multiprocessing as mp
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections import Counter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset imports albumentations, which would phone PyPI
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds 127.0.0.1, not the host's IP
 
 import numpy as np  # noqa: E402
@@ -176,6 +178,7 @@ def main() -> None:
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
+    sys.exit(0 if len(oks) == 1 else 1)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,23 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 210, 40),
-          "black": (10, 10, 10), "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (130, 40, 170)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 40),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "orange": (250, 140, 20),
+    "purple": (130, 40, 170),
+}
 SHAPES = ("circle", "square", "triangle")
-FOREIGN = ["un cercle rouge sur un fond bleu", "ein roter Kreis auf blauem Hintergrund",
-           "un cuadrado verde sobre un fondo negro", "un quadrato giallo su sfondo bianco"]
+FOREIGN = [
+    "un cercle rouge sur un fond bleu",
+    "ein roter Kreis auf blauem Hintergrund",
+    "un cuadrado verde sobre un fondo negro",
+    "un quadrato giallo su sfondo bianco",
+]
 
 
 @dataclass
@@ -84,7 +96,7 @@ class ImageServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         self.thread.start()
         return self
 
@@ -179,6 +191,10 @@ def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
 
 
 # DataComp basic (REFERENCE.md): English, caption > 2 words and > 5 characters, shorter side >= 200, aspect <= 3
-DEMO_FILTERS = [{"name": "caption_words", "min": 3}, {"name": "caption_chars", "min": 6},
-                {"name": "image_min_side", "min": 200}, {"name": "image_aspect", "max": 3},
-                {"name": "lang", "languages": ["en"]}]
+DEMO_FILTERS = [
+    {"name": "caption_words", "min": 3},
+    {"name": "caption_chars", "min": 6},
+    {"name": "image_min_side", "min": 200},
+    {"name": "image_aspect", "max": 3},
+    {"name": "lang", "languages": ["en"]},
+]

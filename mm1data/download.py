@@ -214,7 +214,9 @@ class Fetcher:
                     self._drop(conn)
                     raise FetchError("robots_optout", status)
                 ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-                if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")):
+                if ctype and not (
+                    ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")
+                ):
                     self._drop(conn)
                     raise FetchError("content_type", status)
                 length = resp.getheader("Content-Length")
@@ -227,7 +229,7 @@ class Fetcher:
                 return body, status
             except FetchError:
                 raise
-            except (TimeoutError, socket.timeout) as e:
+            except TimeoutError as e:
                 self._drop(conn)
                 raise FetchError("timeout", retryable=True) from e
             except ssl.SSLError as e:
@@ -308,8 +310,11 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
         im = _to_rgb(im)
         if im.size != (tw, th):
             up = tw > im.size[0]
-            im = im.resize((tw, th), Image.Resampling.BICUBIC if up else Image.Resampling.LANCZOS,
-                           reducing_gap=None if up else 3.0)
+            im = im.resize(
+                (tw, th),
+                Image.Resampling.BICUBIC if up else Image.Resampling.LANCZOS,
+                reducing_gap=None if up else 3.0,
+            )
         if cfg.resize_mode == "center_crop":
             s = min(im.size)
             left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
@@ -348,8 +353,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 
-OUT_COLUMNS = ("image", "image_ext", "width", "height", "orig_width", "orig_height", "sha256",
-               "download_status", "download_error", "download_bytes", "download_time_s", "download_attempts")
+OUT_COLUMNS = (
+    "image",
+    "image_ext",
+    "width",
+    "height",
+    "orig_width",
+    "orig_height",
+    "sha256",
+    "download_status",
+    "download_error",
+    "download_bytes",
+    "download_time_s",
+    "download_attempts",
+)
 
 
 class ImageDownloader:
@@ -375,8 +392,20 @@ class ImageDownloader:
             nbytes = len(body)
             img = decode_image(body, self.cfg)
             sha = hashlib.sha256(body).hexdigest()
-            return (img.data, img.ext, img.width, img.height, img.orig_width, img.orig_height, sha, status, "",
-                    nbytes, time.monotonic() - t0, attempts)
+            return (
+                img.data,
+                img.ext,
+                img.width,
+                img.height,
+                img.orig_width,
+                img.orig_height,
+                sha,
+                status,
+                "",
+                nbytes,
+                time.monotonic() - t0,
+                attempts,
+            )
         except FetchError as e:
             status = e.status or status
             attempts = getattr(e, "attempts", attempts or 1)
@@ -388,8 +417,20 @@ class ImageDownloader:
         futures = [self.pool.submit(self._one, str(u)) if t else None for u, t in zip(batch["url"], todo)]
         rows = [f.result() if f is not None else skipped for f in futures]
         cols = list(zip(*rows)) if rows else [()] * len(OUT_COLUMNS)
-        dtypes = (object, object, np.int32, np.int32, np.int32, np.int32, object, np.int32, object, np.int64,
-                  np.float32, np.int32)
+        dtypes = (
+            object,
+            object,
+            np.int32,
+            np.int32,
+            np.int32,
+            np.int32,
+            object,
+            np.int32,
+            object,
+            np.int64,
+            np.float32,
+            np.int32,
+        )
         for name, values, dt in zip(OUT_COLUMNS, cols, dtypes):
             arr = np.empty(len(values), dtype=object) if dt is object else np.asarray(values, dtype=dt)
             if dt is object:

@@ -12,8 +12,9 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,15 @@ from mm1data.config import ConfigError
 from mm1data.schema import make_key
 from mm1data.stage import Batch
 
-FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz",
-           ".json.gz": "jsonl.gz", ".csv": "csv", ".tsv": "tsv"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+    ".json.gz": "jsonl.gz",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class _Lines:
     def __init__(self, f: io.BufferedIOBase) -> None:
         self.f, self.pos = f, 0
 
-    def __iter__(self) -> "_Lines":
+    def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
@@ -123,8 +131,10 @@ def plan_units(cfg: InputConfig) -> list[Unit]:
 def _require(columns: list[str], cfg: InputConfig, uri: str) -> None:
     for col in (cfg.url_col, cfg.caption_col):
         if col not in columns:
-            raise ConfigError(f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); "
-                              f"set input.url_col / input.caption_col")
+            raise ConfigError(
+                f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); "
+                f"set input.url_col / input.caption_col"
+            )
 
 
 def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig) -> list[Unit]:
@@ -219,9 +229,14 @@ def _records(unit: Unit) -> Iterator[dict[str, Any] | None]:
         with storage.open_seekable(unit.uri) as f:
             table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups))
         # strings as raw bytes, so invalid UTF-8 becomes a drop reason instead of an exception
-        cols = {name: (col.cast(pa.large_binary()) if pa.types.is_string(col.type) or
-                       pa.types.is_large_string(col.type) else col).to_pylist()
-                for name, col in zip(table.column_names, table.columns)}
+        cols = {
+            name: (
+                col.cast(pa.large_binary())
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+                else col
+            ).to_pylist()
+            for name, col in zip(table.column_names, table.columns)
+        }
         for i in range(table.num_rows):
             yield {name: values[i] for name, values in cols.items()}
         return
@@ -259,8 +274,11 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
             continue
         url, url_ok = _text(rec.get(cfg.url_col))
         cap, cap_ok = _text(rec.get(cfg.caption_col))
-        extra_names = cfg.extra_cols if cfg.extra_cols is not None else [
-            k for k in rec if k not in (cfg.url_col, cfg.caption_col)]
+        extra_names = (
+            cfg.extra_cols
+            if cfg.extra_cols is not None
+            else [k for k in rec if k not in (cfg.url_col, cfg.caption_col)]
+        )
         extra = {k: _jsonable(rec.get(k)) for k in extra_names}
         reason = ""
         if not url.strip() or not url_ok:
@@ -273,11 +291,20 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
         reasons.append(reason)
     n = len(keys)
     if unit.stop - unit.start != n:  # the file changed since planning: keys would no longer be stable
-        raise RuntimeError(f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
-                           "did the input change during the run?")
+        raise RuntimeError(
+            f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
+            "did the input change during the run?"
+        )
     obj = lambda xs: np.array(xs, dtype=object) if xs else np.empty(0, dtype=object)  # noqa: E731
-    return {"key": obj(keys), "src_file": obj([unit.source] * n), "src_row": np.arange(unit.start, unit.stop),
-            "url": obj(urls), "caption": obj(caps), "extra": obj(extras), "drop_reason": obj(reasons)}
+    return {
+        "key": obj(keys),
+        "src_file": obj([unit.source] * n),
+        "src_row": np.arange(unit.start, unit.stop),
+        "url": obj(urls),
+        "caption": obj(caps),
+        "extra": obj(extras),
+        "drop_reason": obj(reasons),
+    }
 
 
 def _jsonable(v: Any) -> Any:

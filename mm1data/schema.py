@@ -39,6 +39,6 @@ class CaptionSample:
         }
 
     @classmethod
-    def from_members(cls, key: str, members: dict[str, bytes]) -> "CaptionSample":
+    def from_members(cls, key: str, members: dict[str, bytes]) -> CaptionSample:
         ext = next(e for e in IMAGE_EXTS if e in members)
         return cls(key, members["txt"].decode("utf-8"), members[ext], ext, json.loads(members["json"]))

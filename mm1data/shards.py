@@ -9,8 +9,9 @@ import os
 import struct
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from mm1data import storage
 
@@ -64,7 +65,9 @@ class TarShardWriter:
         offsets = self.uri[: -len(".tar")] + ".idx"
         storage.write_bytes(offsets, struct.pack(f"<{len(self.offsets) + 1}Q", *self.offsets, end))
         storage.put_file(self._tmp, self.uri)  # the tar last: a listed shard always has its offsets
-        return ShardInfo(os.path.basename(self.uri), len(self.offsets), self.num_images, size, sha, os.path.basename(offsets))
+        return ShardInfo(
+            os.path.basename(self.uri), len(self.offsets), self.num_images, size, sha, os.path.basename(offsets)
+        )
 
     def abort(self) -> None:
         self._tar.close()
@@ -112,8 +115,14 @@ def build_index(kind: str, corpus: str, shards: list[ShardInfo], tokens: int, **
         "tokens": tokens,
         "bytes": sum(s.bytes for s in shards),
     }
-    return {"version": INDEX_VERSION, "kind": kind, "corpus": corpus, "totals": totals,
-            "shards": [asdict(s) for s in shards], **extra}
+    return {
+        "version": INDEX_VERSION,
+        "kind": kind,
+        "corpus": corpus,
+        "totals": totals,
+        "shards": [asdict(s) for s in shards],
+        **extra,
+    }
 
 
 def write_index(root: str, index: dict[str, Any]) -> None:

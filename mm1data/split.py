@@ -8,8 +8,9 @@ import io
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +47,9 @@ def _record_uri(output: str, name: str) -> str:
     return storage.join(output, "_staging", "shards", name + ".json")
 
 
-def write_shard(output: str, name: str, parts: list[str], rows: list[tuple[int, int]], build: SampleBuilder,
-                fingerprint: str) -> dict[str, Any]:
+def write_shard(
+    output: str, name: str, parts: list[str], rows: list[tuple[int, int]], build: SampleBuilder, fingerprint: str
+) -> dict[str, Any]:
     """Write one shard from staged rows [(part index, row in part)] in order; commit it and its record."""
     needed: dict[int, list[int]] = {}
     for p, r in rows:
@@ -75,8 +77,16 @@ def write_shard(output: str, name: str, parts: list[str], rows: list[tuple[int, 
     return record
 
 
-def finalize(output: str, kind: str, corpus: str, table: pa.Table, build: SampleBuilder, shard_cfg: ShardConfig,
-             dedup_cfg: DedupConfig, extra_index: dict[str, Any]) -> dict[str, Any]:
+def finalize(
+    output: str,
+    kind: str,
+    corpus: str,
+    table: pa.Table,
+    build: SampleBuilder,
+    shard_cfg: ShardConfig,
+    dedup_cfg: DedupConfig,
+    extra_index: dict[str, Any],
+) -> dict[str, Any]:
     """Dedup, shard, meta, index.json (last). `table` is read_staged(): every row, no image bytes."""
     import ray
 
@@ -134,7 +144,8 @@ def finalize(output: str, kind: str, corpus: str, table: pa.Table, build: Sample
     _remove_stale(output, corpus, {s.path for s in shards})
 
     meta = table.drop_columns([c for c in INTERNAL if c in table.column_names]).append_column(
-        "shard", pa.array(shard_of.tolist(), type=pa.string()))
+        "shard", pa.array(shard_of.tolist(), type=pa.string())
+    )
     n_meta = max(1, -(-meta.num_rows // META_ROWS))
     for j in range(n_meta):
         buf = io.BytesIO()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,8 +43,11 @@ def write_staging(batch: Batch, rows_dir: str) -> Batch:
 
 
 def staged_files(output: str) -> list[str]:
-    return [f for f in storage.list_files(rows_dir(output)) if f.endswith(".parquet") and "/.tmp-" not in f
-            and not f.rsplit("/", 1)[-1].startswith(".")]
+    return [
+        f
+        for f in storage.list_files(rows_dir(output))
+        if f.endswith(".parquet") and "/.tmp-" not in f and not f.rsplit("/", 1)[-1].startswith(".")
+    ]
 
 
 def read_staged(output: str, columns_exclude: tuple[str, ...] = ("image",)) -> pa.Table:

@@ -14,8 +14,15 @@ from mm1data.download import DownloadConfig, FetchError, ImageDownloader, decode
 
 
 def run_stage(urls: list[str], **cfg) -> dict:
-    cfg = {"allow_private_hosts": True, "timeout_s": 1.0, "retries": 2, "backoff_s": 0.05, "max_bytes": 200_000,
-           "image_size": 128, **cfg}
+    cfg = {
+        "allow_private_hosts": True,
+        "timeout_s": 1.0,
+        "retries": 2,
+        "backoff_s": 0.05,
+        "max_bytes": 200_000,
+        "image_size": 128,
+        **cfg,
+    }
     batch = {"url": np.array(urls, dtype=object), "drop_reason": np.array([""] * len(urls), dtype=object)}
     return ImageDownloader(DownloadConfig(**cfg))(batch)
 
@@ -23,12 +30,35 @@ def run_stage(urls: list[str], **cfg) -> dict:
 def test_every_bad_input_gets_its_reason(server):
     server.routes.update(bad_routes())
     server.routes["/ok.jpg"] = Route(jpeg(400, 300))
-    paths = ["/ok.jpg", "/missing.jpg", "/flaky.jpg", "/slow.jpg", "/loop", "/page.html", "/truncated.jpg",
-             "/random.jpg", "/bomb.png", "/big.jpg", "/noai.jpg", "/forbidden.jpg"]
+    paths = [
+        "/ok.jpg",
+        "/missing.jpg",
+        "/flaky.jpg",
+        "/slow.jpg",
+        "/loop",
+        "/page.html",
+        "/truncated.jpg",
+        "/random.jpg",
+        "/bomb.png",
+        "/big.jpg",
+        "/noai.jpg",
+        "/forbidden.jpg",
+    ]
     out = run_stage([server.url(p) for p in paths])
-    assert list(out["drop_reason"]) == ["", "http_404", "", "timeout", "redirect_loop", "content_type",
-                                        "decode_error", "decode_error", "decompression_bomb", "too_large",
-                                        "robots_optout", "http_403"]
+    assert list(out["drop_reason"]) == [
+        "",
+        "http_404",
+        "",
+        "timeout",
+        "redirect_loop",
+        "content_type",
+        "decode_error",
+        "decode_error",
+        "decompression_bomb",
+        "too_large",
+        "robots_optout",
+        "http_403",
+    ]
     assert list(out["download_status"][:3]) == [200, 404, 200]
     assert out["download_attempts"][2] == 2  # one 500, then success
     assert server.routes["/flaky.jpg"].hits == 2
@@ -41,8 +71,13 @@ def test_every_bad_input_gets_its_reason(server):
 
 def test_private_addresses_refused_without_opt_in(server):
     server.routes["/ok.jpg"] = Route(jpeg())
-    urls = [server.url("/ok.jpg"), "http://169.254.169.254/latest/meta-data/", "http://[::1]:1/x.jpg",
-            "http://10.0.0.1/x.jpg", "ftp://example.com/x.jpg"]
+    urls = [
+        server.url("/ok.jpg"),
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:1/x.jpg",
+        "http://10.0.0.1/x.jpg",
+        "ftp://example.com/x.jpg",
+    ]
     out = run_stage(urls, allow_private_hosts=False)
     assert list(out["drop_reason"]) == ["private_host"] * 4 + ["bad_url"]
     assert server.routes["/ok.jpg"].hits == 0  # refused before connecting
@@ -67,8 +102,10 @@ def test_redirect_to_private_host_refused(server, monkeypatch):
 
 def test_rows_already_dropped_are_not_fetched(server):
     server.routes["/ok.jpg"] = Route(jpeg())
-    batch = {"url": np.array([server.url("/ok.jpg")] * 2, dtype=object),
-             "drop_reason": np.array(["", "empty_caption"], dtype=object)}
+    batch = {
+        "url": np.array([server.url("/ok.jpg")] * 2, dtype=object),
+        "drop_reason": np.array(["", "empty_caption"], dtype=object),
+    }
     out = ImageDownloader(DownloadConfig(allow_private_hosts=True))(batch)
     assert list(out["drop_reason"]) == ["", "empty_caption"]
     assert server.routes["/ok.jpg"].hits == 1 and out["image"][1] == b""
@@ -83,10 +120,17 @@ def test_x_robots_tag_parsing_matches_img2dataset():
     assert not is_disallowed(["index, follow"], d)
 
 
-@pytest.mark.parametrize("mode,size,expected", [
-    ("keep_ratio", 100, (133, 100)), ("keep_ratio_largest", 100, (100, 75)), ("center_crop", 100, (100, 100)),
-    ("border", 100, (100, 100)), ("no", 100, (400, 300)), ("keep_ratio", 1000, (400, 300)),
-])
+@pytest.mark.parametrize(
+    "mode,size,expected",
+    [
+        ("keep_ratio", 100, (133, 100)),
+        ("keep_ratio_largest", 100, (100, 75)),
+        ("center_crop", 100, (100, 100)),
+        ("border", 100, (100, 100)),
+        ("no", 100, (400, 300)),
+        ("keep_ratio", 1000, (400, 300)),
+    ],
+)
 def test_resize_modes(mode, size, expected):
     d = decode_image(jpeg(400, 300), DownloadConfig(resize_mode=mode, image_size=size))
     assert (d.width, d.height) == expected

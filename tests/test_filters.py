@@ -30,14 +30,21 @@ def test_image_filters_use_original_size_and_skip_missing_images():
 
 
 def test_lang_filter_with_lid176():
-    b = batch(caption=["a photo of a dog running on the beach", "ein Hund läuft am Strand entlang",
-                       "un chien qui court sur la plage"], drop_reason=["", "", ""])
+    b = batch(
+        caption=[
+            "a photo of a dog running on the beach",
+            "ein Hund läuft am Strand entlang",
+            "un chien qui court sur la plage",
+        ],
+        drop_reason=["", "", ""],
+    )
     out = FilterChain((FilterConfig("lang", params={"languages": ["en"]}),))(b)
     assert list(out["lang_id"]) == ["en", "de", "fr"]
     assert list(out["drop_reason"]) == ["", "lang", "lang"]
     assert out["lang"][0] > 0.5 and out["lang"][1] < 0.1
     fr = FilterChain((FilterConfig("lang", params={"languages": ["en", "fr"]}),))(
-        batch(caption=list(b["caption"]), drop_reason=["", "", ""]))
+        batch(caption=list(b["caption"]), drop_reason=["", "", ""])
+    )
     assert list(fr["drop_reason"]) == ["", "lang", ""]
 
 

@@ -61,16 +61,25 @@ def test_csv_quoted_newlines_split_exactly(tmp_path):
 
 def test_row_problems_become_drop_reasons(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_bytes(b'{"url": "http://a/1", "caption": "fine"}\n'
-                  b'{"url": "http://a/2", "caption": "bad \xff\xfe bytes"}\n'
-                  b'{"url": "http://a/3", "caption": "   "}\n'
-                  b'{"url": "http://a/4", "caption": null}\n'
-                  b'{"url": "http://a/5", "caption": "no close"\n'
-                  b'{"caption": "no url"}\n'
-                  b'{"url": "http://a/7", "caption": "last"}\n')
+    p.write_bytes(
+        b'{"url": "http://a/1", "caption": "fine"}\n'
+        b'{"url": "http://a/2", "caption": "bad \xff\xfe bytes"}\n'
+        b'{"url": "http://a/3", "caption": "   "}\n'
+        b'{"url": "http://a/4", "caption": null}\n'
+        b'{"url": "http://a/5", "caption": "no close"\n'
+        b'{"caption": "no url"}\n'
+        b'{"url": "http://a/7", "caption": "last"}\n'
+    )
     out = read_all(p)
-    assert out["drop_reason"] == ["", "caption_utf8", "empty_caption", "empty_caption", "malformed_row",
-                                  "missing_url", ""]
+    assert out["drop_reason"] == [
+        "",
+        "caption_utf8",
+        "empty_caption",
+        "empty_caption",
+        "malformed_row",
+        "missing_url",
+        "",
+    ]
     assert "\ufffd" in out["caption"][1]  # kept for inspection in the score store, never written to a shard
 
 

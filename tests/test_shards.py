@@ -45,7 +45,7 @@ def test_offsets_seek_to_each_sample(tmp_path):
     assert len(offsets) == 5
     data = open(path, "rb").read()
     for i, s in enumerate(items):
-        with tarfile.open(fileobj=io.BytesIO(data[offsets[i]:offsets[i + 1]])) as t:
+        with tarfile.open(fileobj=io.BytesIO(data[offsets[i] : offsets[i + 1]])) as t:
             members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
         assert CaptionSample.from_members(s.key, {k.split(".", 1)[1]: v for k, v in members.items()}) == s
 

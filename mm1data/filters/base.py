@@ -92,8 +92,10 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
         lo, hi = entry.pop("min", -np.inf), entry.pop("max", np.inf)
         unknown = sorted(set(entry) - set(cls.params))
         if unknown:
-            raise ConfigError(f"{where}[{i}] ({name}): unknown key {unknown[0]!r} (known: min, max, "
-                              f"{', '.join(sorted(cls.params)) or '-'})")
+            raise ConfigError(
+                f"{where}[{i}] ({name}): unknown key {unknown[0]!r} (known: min, max, "
+                f"{', '.join(sorted(cls.params)) or '-'})"
+            )
         out.append(FilterConfig(name, float(lo), float(hi), entry))
     return tuple(out)
 

@@ -42,8 +42,9 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, include_dashboard=False)
 
 
-def run_pipeline(path: str | None, input_uri: str | None, output: str | None, overrides: list[str] = (),
-                 address: str | None = None) -> dict[str, Any]:
+def run_pipeline(
+    path: str | None, input_uri: str | None, output: str | None, overrides: list[str] = (), address: str | None = None
+) -> dict[str, Any]:
     """Validate everything cheap first (config, filters, input, output), then run on Ray; returns index.json."""
     module, cfg = load_run_config(path, overrides)
     if input_uri:  # flags win over the YAML; taken as strings, not YAML-parsed

@@ -57,8 +57,22 @@ def read_units(batch: Batch, cfg: InputConfig, done: list) -> Batch:
 
 def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     """A staged row -> the tar members of one CaptionSample, and its text tokens."""
-    meta = {k: v for k, v in row.items() if k not in ("image", "caption", "extra", "drop_reason", "image_ext",
-                                                       "download_error", "src_file", "src_row", "key")}
+    meta = {
+        k: v
+        for k, v in row.items()
+        if k
+        not in (
+            "image",
+            "caption",
+            "extra",
+            "drop_reason",
+            "image_ext",
+            "download_error",
+            "src_file",
+            "src_row",
+            "key",
+        )
+    }
     meta = {k: (None if isinstance(v, float) and v != v else v) for k, v in meta.items()}
     meta.update(source=row["src_file"], row=row["src_row"], **json.loads(row["extra"] or "{}"))
     sample = CaptionSample(row["key"], row["caption"], row["image"], row["image_ext"], meta)
@@ -67,8 +81,12 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
 
 def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...]) -> dict[str, Any]:
     """What staged rows depend on; a rerun with a different one would mix incompatible rows."""
-    return {"input": to_dict(cfg.input), "download": to_dict(cfg.download), "filters": to_dict(chain),
-            "clip": to_dict(cfg.clip)}
+    return {
+        "input": to_dict(cfg.input),
+        "download": to_dict(cfg.download),
+        "filters": to_dict(chain),
+        "clip": to_dict(cfg.clip),
+    }
 
 
 def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...]) -> None:
@@ -78,8 +96,10 @@ def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...]) -> None:
         old = json.loads(storage.read_bytes(uri))
         diff = sorted(k for k in fp if fp[k] != old.get(k))
         if diff:
-            raise ConfigError(f"{cfg.output} holds rows staged with a different config ({', '.join(diff)} differ); "
-                              "rerun with the same config or use another --output")
+            raise ConfigError(
+                f"{cfg.output} holds rows staged with a different config ({', '.join(diff)} differ); "
+                "rerun with the same config or use another --output"
+            )
     else:
         storage.write_bytes(uri, json.dumps(fp, indent=1).encode())
 
@@ -98,8 +118,12 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     init_ray(address)
 
     done = staged_rows(cfg.output)
-    todo = [u for u in units if len(done.get(u.source, ())) == 0 or
-            np.count_nonzero((done[u.source] >= u.start) & (done[u.source] < u.stop)) < u.stop - u.start]
+    todo = [
+        u
+        for u in units
+        if len(done.get(u.source, ())) == 0
+        or np.count_nonzero((done[u.source] >= u.start) & (done[u.source] < u.stop)) < u.stop - u.start
+    ]
     log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
     if todo:
         for _ in build(cfg, todo, done, pre, post).iter_batches(batch_size=None):
@@ -109,9 +133,20 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     if cfg.clip.enabled and cfg.clip.pretrained is None:
         warnings.append(f"clip.pretrained is null: {cfg.clip.model} ran with random weights; clip_score is noise")
     resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))
-    index = finalize(cfg.output, KIND, cfg.corpus, read_staged(cfg.output), build_sample, cfg.shards, cfg.dedup,
-                     {"config": json.loads(json.dumps(to_dict(resolved), default=str)), "warnings": warnings,
-                      "mm1data_version": __version__})
+    index = finalize(
+        cfg.output,
+        KIND,
+        cfg.corpus,
+        read_staged(cfg.output),
+        build_sample,
+        cfg.shards,
+        cfg.dedup,
+        {
+            "config": json.loads(json.dumps(to_dict(resolved), default=str)),
+            "warnings": warnings,
+            "mm1data_version": __version__,
+        },
+    )
     return index
 
 
@@ -123,22 +158,53 @@ def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
     gpus = ray.cluster_resources().get("GPU", 0)
     specs = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))  # -> unit
-    ds = ds.map_batches(read_units, batch_size=1, num_cpus=0.1,  # -> key, src_file, src_row, url, caption, extra, drop_reason
-                        fn_kwargs={"cfg": cfg.input, "done": [ray.put(done)]})
+    ds = ds.map_batches(
+        read_units,
+        batch_size=1,
+        num_cpus=0.1,  # -> key, src_file, src_row, url, caption, extra, drop_reason
+        fn_kwargs={"cfg": cfg.input, "done": [ray.put(done)]},
+    )
     d = cfg.download
-    ds = ds.map_batches(ImageDownloader, fn_constructor_kwargs={"cfg": d}, batch_size=d.batch_size,  # -> + image, sizes,
-                        num_cpus=0.5, concurrency=d.workers or max(1, cpus - cfg.clip.workers * cfg.clip.enabled),
-                        zero_copy_batch=False)  # sha256, download_status, download_error, download_bytes, ...
+    ds = ds.map_batches(
+        ImageDownloader,
+        fn_constructor_kwargs={"cfg": d},
+        batch_size=d.batch_size,  # -> + image, sizes,
+        num_cpus=0.5,
+        concurrency=d.workers or max(1, cpus - cfg.clip.workers * cfg.clip.enabled),
+        zero_copy_batch=False,
+    )  # sha256, download_status, download_error, download_bytes, ...
     if pre:
-        ds = ds.map_batches(apply_chain, fn_kwargs={"cfg": pre}, batch_size=d.batch_size,  # -> + score columns
-                            num_cpus=0.25, zero_copy_batch=False)
+        ds = ds.map_batches(
+            apply_chain,
+            fn_kwargs={"cfg": pre},
+            batch_size=d.batch_size,  # -> + score columns
+            num_cpus=0.25,
+            zero_copy_batch=False,
+        )
     if cfg.clip.enabled:
         c = cfg.clip
         num_gpus = c.num_gpus if c.num_gpus is not None else (1.0 if gpus else 0.0)
-        ds = ds.map_batches(ClipScorer, fn_constructor_kwargs={"cfg": c}, batch_size=c.batch_size,  # -> + clip_score
-                            num_cpus=1.0, num_gpus=num_gpus or None, concurrency=c.workers, zero_copy_batch=False)
+        ds = ds.map_batches(
+            ClipScorer,
+            fn_constructor_kwargs={"cfg": c},
+            batch_size=c.batch_size,  # -> + clip_score
+            num_cpus=1.0,
+            num_gpus=num_gpus or None,
+            concurrency=c.workers,
+            zero_copy_batch=False,
+        )
     if post:
-        ds = ds.map_batches(apply_chain, fn_kwargs={"cfg": post}, batch_size=d.batch_size,  # -> drop_reason
-                            num_cpus=0.25, zero_copy_batch=False)
-    return ds.map_batches(write_staging, fn_kwargs={"rows_dir": rows_dir(cfg.output)},  # -> rows
-                          batch_size=d.batch_size, num_cpus=0.25, zero_copy_batch=False)
+        ds = ds.map_batches(
+            apply_chain,
+            fn_kwargs={"cfg": post},
+            batch_size=d.batch_size,  # -> drop_reason
+            num_cpus=0.25,
+            zero_copy_batch=False,
+        )
+    return ds.map_batches(
+        write_staging,
+        fn_kwargs={"rows_dir": rows_dir(cfg.output)},  # -> rows
+        batch_size=d.batch_size,
+        num_cpus=0.25,
+        zero_copy_batch=False,
+    )

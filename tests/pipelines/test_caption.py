@@ -23,9 +23,16 @@ from mm1data.pipelines import run_pipeline
 from mm1data.schema import make_key
 from mm1data.shards import read_index
 
-TINY = ["clip.model=mm1data-tiny-clip", "clip.pretrained=null", "download.allow_private_hosts=true",
-        "download.timeout_s=1", "download.backoff_s=0.05", "download.max_bytes=200000", "download.image_size=96"]
-FILTERS = 'filters=[{name: caption_words, min: 2}, {name: image_min_side, min: 100}]'
+TINY = [
+    "clip.model=mm1data-tiny-clip",
+    "clip.pretrained=null",
+    "download.allow_private_hosts=true",
+    "download.timeout_s=1",
+    "download.backoff_s=0.05",
+    "download.max_bytes=200000",
+    "download.image_size=96",
+]
+FILTERS = "filters=[{name: caption_words, min: 2}, {name: image_min_side, min: 100}]"
 
 
 def make_input(server: ImageServer, n_good: int = 24) -> tuple[list[dict], dict[str, str]]:
@@ -35,19 +42,29 @@ def make_input(server: ImageServer, n_good: int = 24) -> tuple[list[dict], dict[
         server.routes[f"/img/{i}.jpg"] = Route(jpeg(160 + 7 * i, 120 + 5 * i, seed=i))
         rows.append({"url": server.url(f"/img/{i}.jpg"), "caption": f"a picture number {i}", "id": i})
     server.routes.update(bad_routes())
-    for path, reason in [("/missing.jpg", "http_404"), ("/flaky.jpg", ""), ("/slow.jpg", "timeout"),
-                         ("/loop", "redirect_loop"), ("/page.html", "content_type"), ("/truncated.jpg", "decode_error"),
-                         ("/random.jpg", "decode_error"), ("/bomb.png", "decompression_bomb"), ("/big.jpg", "too_large"),
-                         ("/noai.jpg", "robots_optout")]:
+    for path, reason in [
+        ("/missing.jpg", "http_404"),
+        ("/flaky.jpg", ""),
+        ("/slow.jpg", "timeout"),
+        ("/loop", "redirect_loop"),
+        ("/page.html", "content_type"),
+        ("/truncated.jpg", "decode_error"),
+        ("/random.jpg", "decode_error"),
+        ("/bomb.png", "decompression_bomb"),
+        ("/big.jpg", "too_large"),
+        ("/noai.jpg", "robots_optout"),
+    ]:
         expect[len(rows)] = reason
         rows.append({"url": server.url(path), "caption": f"bad input {path}", "id": len(rows)})
     server.routes["/small.jpg"] = Route(jpeg(60, 60, seed=500))
     server.routes["/copy.jpg"] = server.routes["/img/0.jpg"]
-    for url, caption, reason in [(server.url("/small.jpg"), "a small picture", "image_min_side"),
-                                 (server.url("/img/1.jpg"), "one word", "dup_url"),
-                                 (server.url("/copy.jpg"), "the same image again", "dup_image"),
-                                 (server.url("/img/2.jpg"), "short", "caption_words"),
-                                 (server.url("/img/3.jpg"), "", "empty_caption")]:
+    for url, caption, reason in [
+        (server.url("/small.jpg"), "a small picture", "image_min_side"),
+        (server.url("/img/1.jpg"), "one word", "dup_url"),
+        (server.url("/copy.jpg"), "the same image again", "dup_image"),
+        (server.url("/img/2.jpg"), "short", "caption_words"),
+        (server.url("/img/3.jpg"), "", "empty_caption"),
+    ]:
         expect[len(rows)] = reason
         rows.append({"url": url, "caption": caption, "id": len(rows)})
     return rows, expect
@@ -174,11 +191,31 @@ def test_kill_9_then_rerun_finishes_without_loss_or_duplicates(tmp_path, phase):
         inp = tmp_path / "in.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "mm1data.cli", "run", "pipelines/caption.yaml", "--input", str(inp),
-               "--output", str(out), *[a for o in [*TINY, "filters=[]", "clip.enabled=false",
-                                                   "download.threads=2", "download.batch_size=4",
-                                                   "input.rows_per_unit=8", "shards.samples_per_shard=2",
-                                                   "shards.workers=1"] for a in ("--set", o)]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mm1data.cli",
+            "run",
+            "pipelines/caption.yaml",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            *[
+                a
+                for o in [
+                    *TINY,
+                    "filters=[]",
+                    "clip.enabled=false",
+                    "download.threads=2",
+                    "download.batch_size=4",
+                    "input.rows_per_unit=8",
+                    "shards.samples_per_shard=2",
+                    "shards.workers=1",
+                ]
+                for a in ("--set", o)
+            ],
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
         log = open(tmp_path / "run1.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
