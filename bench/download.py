@@ -171,7 +171,8 @@ def main() -> None:
         if r["errors"]:
             print(f"  {name} errors: {r['errors']}")
     oks = {r["ok"] for r in results.values()}
-    print(f"\nsuccesses {'MATCH' if len(oks) == 1 else 'DIFFER'}: " + ", ".join(f"{k}={r['ok']}" for k, r in results.items()))
+    counts = ", ".join(f"{k}={r['ok']}" for k, r in results.items())
+    print(f"\nsuccesses {'MATCH' if len(oks) == 1 else 'DIFFER'}: {counts}")
     print("ratio = samples/s over img2dataset's; /core = samples/s / --processes. peak RSS/worker: img2dataset = "
           "max ru_maxrss over reaped child processes (RUSAGE_CHILDREN, its pool workers); mm1data mp = max "
           "ru_maxrss (RUSAGE_SELF) inside each worker; ray not measured.")

@@ -1,0 +1,21 @@
+"""`mm1data demo` builds a caption corpus and prints its funnel."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import webdataset as wds
+
+from mm1data.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
+    index = run_demo(str(tmp_path / "demo"), n=60)
+    out = capsys.readouterr().out
+    assert "kept" in out and "caption-000000.tar" in out
+    paths = [os.path.join(tmp_path, "demo", "caption", s["path"]) for s in index["shards"]]
+    n = sum(1 for _ in wds.WebDataset(paths, shardshuffle=False))
+    assert n == index["totals"]["samples"] > 30
+    assert index["funnel"]["dropped"].get("lang", 0) > 0 and index["funnel"]["dropped"].get("http_404", 0) > 0
