@@ -101,7 +101,10 @@ def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...]) -> None:
                 "rerun with the same config or use another --output"
             )
     else:
-        storage.write_bytes(uri, json.dumps(fp, indent=1).encode())
+        try:
+            storage.write_bytes(uri, json.dumps(fp, indent=1).encode())
+        except Exception as e:
+            raise ConfigError(f"cannot write to output location {cfg.output!r}: {type(e).__name__}: {e}") from e
 
 
 def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
