@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,7 @@ class ClipConfig:
     workers: int = 1  # scoring actors
     num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto (cuda when visible) | cpu | cuda
 
 
 def load_clip(cfg: ClipConfig, device: str = "cpu"):
@@ -57,16 +59,43 @@ class ClipScorer:
     def __init__(self, cfg: ClipConfig) -> None:
         import torch
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.preprocess, self.tokenizer = load_clip(cfg, self.device)
         prec = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+        size = getattr(self.model.visual, "image_size", 224)
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        # Decode + resize is CPU work that starves a GPU from one thread. PIL releases the GIL, torch's
+        # per-image ToTensor/Normalize do not: run open_clip's PIL steps in threads, then convert and
+        # normalise the whole batch at once on the device (same mean/std as open_clip's transform).
+        self.pool = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
+        steps = list(getattr(self.preprocess, "transforms", []))
+        names = [type(t).__name__ for t in steps]
+        self.batched = len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor")
+        if self.batched:
+            from torchvision.transforms import Compose
+
+            self.pil_steps = Compose(steps[:-2])
+            self.mean = torch.tensor(steps[-1].mean, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(steps[-1].std, device=self.device).view(1, 3, 1, 1)
+
+    def _pixels(self, data: bytes):
+        from PIL import Image
+
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", self.input_size)  # JPEG: decode at the smallest DCT scale still >= the model's input
+        im = im.convert("RGB")
+        return np.asarray(self.pil_steps(im)) if self.batched else self.preprocess(im)
 
     def similarity(self, images: list[bytes], captions: list[str]) -> np.ndarray:
         import torch
-        from PIL import Image
 
-        pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+        pixels = list(self.pool.map(self._pixels, images))
+        if self.batched:
+            x = torch.from_numpy(np.stack(pixels)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            pixels = (x - self.mean) / self.std
+        else:
+            pixels = torch.stack(pixels)
         tokens = self.tokenizer(captions)
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
             img = self.model.encode_image(pixels.to(self.device), normalize=True)
