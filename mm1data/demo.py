@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -168,6 +169,9 @@ def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
     from mm1data.pipelines import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    corpus = os.path.join(out, "caption")
+    if os.path.exists(corpus):  # the server's port changes per run, so an earlier demo's rows are stale
+        shutil.rmtree(corpus)
     os.makedirs(out, exist_ok=True)
     with ImageServer() as server:
         rows = make_caption_corpus(server, n)
@@ -183,10 +187,10 @@ def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
             "shards.samples_per_shard=100",
             "filters=" + json.dumps(DEMO_FILTERS),
         ]
-        index = run_pipeline(None, inp, os.path.join(out, "caption"), ["pipeline=caption", *overrides])
-    print_funnel(index, os.path.join(out, "caption"))
+        index = run_pipeline(None, inp, corpus, ["pipeline=caption", *overrides])
+    print_funnel(index, corpus)
     for s in index["shards"]:
-        print(f"  {os.path.join(out, 'caption', s['path'])}  {s['num_samples']} samples")
+        print(f"  {os.path.join(corpus, s['path'])}  {s['num_samples']} samples")
     return index
 
 

@@ -175,8 +175,13 @@ def keys_of(table: pa.Table, idx: np.ndarray) -> list[str]:
 
 
 def _remove_stale(output: str, corpus: str, keep: set[str]) -> None:
-    """Shards of an earlier, different plan are not in the index; remove them so the directory is clean."""
-    for f in storage.list_files(output, recursive=False):
-        name = f.rsplit("/", 1)[-1]
-        if name.startswith(f"{corpus}-") and name.endswith((".tar", ".idx")) and name[:-4] + ".tar" not in keep:
-            storage.delete(f)
+    """Shards of an earlier, different plan are not in the index, and temp files of a killed run are
+    partial: remove both so a directory listing (e.g. read_webdataset(dir)) sees only real shards."""
+    for d in (output, storage.join(output, "meta")):
+        for f in storage.list_files(d, recursive=False):
+            name = f.rsplit("/", 1)[-1]
+            stale = (
+                name.startswith(f"{corpus}-") and name.endswith((".tar", ".idx")) and name[:-4] + ".tar" not in keep
+            )
+            if stale or name.startswith(".tmp-"):
+                storage.delete(f)

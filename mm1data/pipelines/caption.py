@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -79,19 +80,21 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     return sample.to_members(), count_tokens(row["caption"])
 
 
-def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...]) -> dict[str, Any]:
+def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]) -> dict[str, Any]:
     """What staged rows depend on; a rerun with a different one would mix incompatible rows."""
+    rows = json.dumps([(u.source, u.start, u.stop) for u in units]).encode()
     return {
         "input": to_dict(cfg.input),
+        "input_rows": hashlib.sha256(rows).hexdigest(),
         "download": to_dict(cfg.download),
         "filters": to_dict(chain),
         "clip": to_dict(cfg.clip),
     }
 
 
-def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...]) -> None:
+def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]) -> None:
     uri = storage.join(cfg.output, "_staging", "run.json")
-    fp = json.loads(json.dumps(_fingerprint(cfg, chain), default=str))
+    fp = json.loads(json.dumps(_fingerprint(cfg, chain, units), default=str))
     if storage.exists(uri):
         old = json.loads(storage.read_bytes(uri))
         diff = sorted(k for k in fp if fp[k] != old.get(k))
@@ -117,7 +120,7 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     if post and not cfg.clip.enabled:
         raise ConfigError("filter clip_score needs clip.enabled: true")
     units = plan_units(cfg.input)
-    _check_staging(cfg, chain)
+    _check_staging(cfg, chain, units)
     init_ray(address)
 
     done = staged_rows(cfg.output)

@@ -236,6 +236,7 @@ def test_kill_9_then_rerun_finishes_without_loss_or_duplicates(tmp_path, phase):
 
     index = read_index(str(out))
     assert index["totals"]["samples"] == 80 and index["funnel"]["rows_in"] == 80
+    assert not list(out.glob(".tmp-*")) and not list((out / "meta").glob(".tmp-*"))  # no partial files left
     meta = pq.read_table(out / "meta").to_pylist()
     assert sorted(m["key"] for m in meta) == sorted(make_key("in.jsonl", i) for i in range(80))
     samples = list(wds.WebDataset([str(out / s["path"]) for s in index["shards"]], shardshuffle=False))
