@@ -11,25 +11,30 @@ import hashlib
 import http.client
 import io
 import ipaddress
+import logging
 import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 from PIL import Image
 
-from mm1data.stage import Batch, Resources
+from mm1data.stage import Batch
 
+log = logging.getLogger(__name__)
 USER_AGENT_TOKEN = "mm1data"
 USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/0.1; +https://github.com/mm1data/mm1data)"
 REDIRECTS = (301, 302, 303, 307, 308)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+URL_SAFE = "/?#[]@!$&'()*+,;=:%~"  # reserved characters and existing escapes stay; non-ASCII is percent-encoded
+MAX_CONNECTIONS = 8  # keep-alive connections kept per thread (web lists are mostly distinct hosts)
+DNS_TTL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,28 @@ class FetchError(Exception):
 # ---- address guard ---------------------------------------------------------------------------------------
 
 
+_DNS: dict[tuple[str, int], tuple[float, list[str]]] = {}
+
+
+def _lookup(host: str, port: int) -> list[str]:
+    """getaddrinfo with a small per-process cache (a TTL, since workers live for hours)."""
+    now = time.monotonic()
+    hit = _DNS.get((host, port))
+    if hit and now - hit[0] < DNS_TTL_S:
+        return hit[1]
+    try:
+        addrs = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError) as e:
+        raise FetchError("dns") from e
+    if len(_DNS) > 10_000:
+        _DNS.clear()
+    _DNS[(host, port)] = (now, addrs)
+    return addrs
+
+
 def resolve(host: str, port: int, allow_private: bool) -> str:
     """Resolve `host` and return one address; refuse non-public addresses unless allowed."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise FetchError("dns") from e
-    addrs = [info[4][0] for info in infos]
+    addrs = _lookup(host, port)
     if not allow_private:
         for a in addrs:
             ip = ipaddress.ip_address(a.split("%")[0])
@@ -134,7 +154,7 @@ class Fetcher:
         self._ssl = ssl.create_default_context()
 
     def _conn(self, scheme: str, host: str, port: int, ip: str, timeout: float) -> http.client.HTTPConnection:
-        pool = self._local.__dict__.setdefault("pool", {})
+        pool = self._local.__dict__.setdefault("pool", OrderedDict())
         key = (scheme, host, port, ip)
         conn = pool.get(key)
         if conn is None:
@@ -143,6 +163,9 @@ class Fetcher:
             else:
                 conn = _PinnedHTTP(host, port, ip, timeout)
             pool[key] = conn
+            if len(pool) > MAX_CONNECTIONS:  # least recently used goes, so sockets stay bounded
+                pool.popitem(last=False)[1].close()
+        pool.move_to_end(key)
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
@@ -190,7 +213,7 @@ class Fetcher:
             if remaining <= 0:
                 raise FetchError("timeout", retryable=True)
             conn = self._conn(parts.scheme, parts.hostname, port, ip, remaining)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=URL_SAFE)
             try:
                 conn.request("GET", path, headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"})
                 resp = conn.getresponse()
@@ -245,7 +268,7 @@ class Fetcher:
         while True:
             if time.monotonic() > deadline:  # a server trickling bytes must not hold a thread forever
                 raise TimeoutError("body deadline")
-            chunk = resp.read1(65536)
+            chunk = resp.read(65536)  # read(), not read1(): it marks the response done for keep-alive
             if not chunk:
                 break
             n += len(chunk)
@@ -377,8 +400,6 @@ class ImageDownloader:
     download_bytes, download_time_s, download_attempts. Failed rows get drop_reason = download_error.
     """
 
-    resources: ClassVar[Resources] = Resources(num_cpus=1.0, batch_size=256)
-
     def __init__(self, cfg: DownloadConfig) -> None:
         self.cfg = cfg
         self.fetcher = Fetcher(cfg)
@@ -410,6 +431,9 @@ class ImageDownloader:
             status = e.status or status
             attempts = getattr(e, "attempts", attempts or 1)
             return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts)
+        except Exception:  # a per-URL surprise must not fail the batch: record it as data and go on
+            log.warning("unexpected error fetching %r", url, exc_info=True)
+            return (b"", "", 0, 0, 0, 0, "", status, "fetch_error", nbytes, time.monotonic() - t0, attempts or 1)
 
     def __call__(self, batch: Batch) -> Batch:
         todo = batch["drop_reason"] == ""

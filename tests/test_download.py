@@ -146,3 +146,27 @@ def test_unchanged_image_keeps_original_bytes_and_alpha_goes_on_white():
     rgba.save(buf, "PNG")
     d = decode_image(buf.getvalue(), DownloadConfig(image_size=100))
     assert d.ext == "jpg" and Image.open(io.BytesIO(d.data)).getpixel((50, 50))[0] > 240
+
+
+def test_keep_alive_connections_are_reused_without_failures(server):
+    """With no retries, every fetch over a reused connection must succeed (a half-read response used to
+    leave the connection unusable, failing every second request)."""
+    for i in range(20):
+        server.routes[f"/k{i}.jpg"] = Route(jpeg(150, 120, seed=i))
+    out = run_stage([server.url(f"/k{i}.jpg") for i in range(20)], retries=0, threads=1)
+    assert list(out["drop_reason"]) == [""] * 20 and list(out["download_attempts"]) == [1] * 20
+
+
+def test_non_ascii_paths_are_fetched_and_surprises_stay_per_row(server, monkeypatch):
+    server.routes["/caf%C3%A9.jpg"] = Route(jpeg())
+    out = run_stage([server.url("/café.jpg"), server.url("/café.jpg?x=ü")], retries=0)
+    assert list(out["drop_reason"]) == ["", ""]
+
+    import mm1data.download as dl
+
+    def boom(body, cfg):
+        raise RuntimeError("a bug in a decoder")
+
+    monkeypatch.setattr(dl, "decode_image", boom)
+    out = run_stage([server.url("/café.jpg")], retries=0)
+    assert list(out["drop_reason"]) == ["fetch_error"]

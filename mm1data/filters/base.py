@@ -11,7 +11,7 @@ import yaml
 
 from mm1data.config import ConfigError
 from mm1data.registry import get_filter
-from mm1data.stage import Batch, Resources
+from mm1data.stage import Batch
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,6 @@ class Filter:
 
 class FilterChain:
     """Applies an ordered list of filters to each batch (one map_batches stage; models load once per actor)."""
-
-    resources: ClassVar[Resources] = Resources(num_cpus=1.0, batch_size=256)
 
     def __init__(self, cfg: tuple[FilterConfig, ...]) -> None:
         self.filters = [get_filter(c.name)(c) for c in cfg]

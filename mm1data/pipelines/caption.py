@@ -159,6 +159,7 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
 def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
     """The per-row stage graph as a lazy ray.data.Dataset ending in the staging writer."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -176,7 +177,7 @@ def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
         fn_constructor_kwargs={"cfg": d},
         batch_size=d.batch_size,  # -> + image, sizes,
         num_cpus=0.5,
-        concurrency=d.workers or max(1, cpus - cfg.clip.workers * cfg.clip.enabled),
+        compute=ActorPoolStrategy(size=d.workers or max(1, cpus - cfg.clip.workers * cfg.clip.enabled)),
         zero_copy_batch=False,
     )  # sha256, download_status, download_error, download_bytes, ...
     if pre:
@@ -196,7 +197,7 @@ def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
             batch_size=c.batch_size,  # -> + clip_score
             num_cpus=1.0,
             num_gpus=num_gpus or None,
-            concurrency=c.workers,
+            compute=ActorPoolStrategy(size=c.workers),
             zero_copy_batch=False,
         )
     if post:

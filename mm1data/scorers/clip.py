@@ -8,12 +8,11 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
 from mm1data import storage
-from mm1data.stage import Batch, Resources
+from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")  # mm1data-tiny-clip: tests and demo
@@ -53,8 +52,6 @@ def load_clip(cfg: ClipConfig, device: str = "cpu"):
 
 class ClipScorer:
     """Adds clip_score = cosine(image embedding, caption embedding) on kept rows; NaN on rows already dropped."""
-
-    resources: ClassVar[Resources] = Resources(num_cpus=1.0, batch_size=256)
 
     def __init__(self, cfg: ClipConfig) -> None:
         import torch
