@@ -6,6 +6,8 @@ times, with --processes worker processes and 32 threads each, the same fetch + d
                 process; it also writes tar/parquet shards to disk, which mm1data's runs below do not
   mm1data mp    ImageDownloader called on batches of 256 in --processes forkserver processes, one URL slice each
   mm1data ray   the same stage via ray.data map_batches on an actor pool (ray.init before the clock starts)
+  mm1data run   the whole `mm1data run` (no filters, no CLIP): download, staging, dedup, tar shards, meta and
+                index.json, i.e. the same output work img2dataset does
 Wall times include starting each run's workers. Each run follows an untimed 50-URL warm-up (its time, mostly
 that start-up, is printed too). Prints samples/s, samples/s per core, the mm1data /
 img2dataset ratio and peak RSS per worker. The HTTP server runs in a process of its own on the same cores.
@@ -161,7 +163,7 @@ def run_mm1data_ray(urls: list[str], args: argparse.Namespace) -> dict:
         ImageDownloader,
         fn_constructor_kwargs={"cfg": stage_cfg(args)},
         batch_size=BATCH,
-        concurrency=args.processes,
+        compute=ray.data.ActorPoolStrategy(size=args.processes),
         num_cpus=1,
         zero_copy_batch=False,
     )
@@ -171,6 +173,39 @@ def run_mm1data_ray(urls: list[str], args: argparse.Namespace) -> dict:
         ok, w, h = ok + good.sum(), w + b["width"][good].sum(), h + b["height"][good].sum()
         errors.update(b["download_error"][~good])
     return {**summarize(ok, int(w), int(h), errors), "wall_s": time.perf_counter() - t0}
+
+
+def run_mm1data_pipeline(rows: list[dict], args: argparse.Namespace, tmp: str, tag: str) -> dict:
+    """The whole `mm1data run` (read, download, stage, dedup, shards, meta, index.json), no filters or CLIP:
+    the same work img2dataset does, output included."""
+    from mm1data.pipelines import run_pipeline
+
+    inp, out = os.path.join(tmp, f"run_{tag}.parquet"), os.path.join(tmp, f"mm1_{tag}")
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    sets = [
+        "filters=[]",
+        "clip.enabled=false",
+        "download.allow_private_hosts=true",
+        "download.retries=0",
+        f"download.threads={THREADS}",
+        f"download.image_size={args.image_size}",
+        f"download.resize_mode={args.resize_mode}",
+        f"download.workers={args.processes}",
+        f"shards.samples_per_shard={math.ceil(len(rows) / args.processes)}",
+    ]
+    t0 = time.perf_counter()
+    index = run_pipeline("pipelines/caption.yaml", inp, out, sets)
+    wall = time.perf_counter() - t0
+    meta = pq.read_table(os.path.join(out, "meta"), columns=["download_error", "width", "height"]).to_pydict()
+    good = [e == "" for e in meta["download_error"]]
+    assert index["totals"]["samples"] == sum(good)
+    res = summarize(
+        sum(good),
+        sum(w for w, g in zip(meta["width"], good) if g),
+        sum(h for h, g in zip(meta["height"], good) if g),
+        Counter(e for e, g in zip(meta["download_error"], good) if not g),
+    )
+    return {**res, "wall_s": wall}
 
 
 def main() -> None:
@@ -208,6 +243,8 @@ def main() -> None:
             ray.data.DataContext.get_current().enable_progress_bars = False
             warm["mm1data ray"] = run_mm1data_ray(urls[:WARMUP], args)
             results["mm1data ray"] = run_mm1data_ray(urls, args)
+            warm["mm1data run"] = run_mm1data_pipeline(rows[:WARMUP], args, tmp, "warmup")
+            results["mm1data run"] = run_mm1data_pipeline(rows, args, tmp, "full")
             ray.shutdown()
     conn.send("stop")
     server.join()

@@ -36,7 +36,10 @@ def write_staging(batch: Batch, rows_dir: str) -> Batch:
             batch["image_bytes"] = np.array([len(b) for b in batch["image"]], dtype=np.int64)
         name = hashlib.sha256("\n".join(batch["key"].tolist()).encode()).hexdigest()[:20]
         buf = io.BytesIO()
-        pq.write_table(batch_to_table(batch), buf, compression="zstd")
+        table = batch_to_table(batch)
+        # JPEG/PNG/WebP bytes do not compress: spend zstd only on the other columns
+        codecs = {c: "none" if c == "image" else "zstd" for c in table.column_names}
+        pq.write_table(table, buf, compression=codecs)
         # same rows -> same name, so a retried task overwrites rather than duplicates
         storage.write_bytes(storage.join(rows_dir, f"part-{name}.parquet"), buf.getvalue())
     return {"rows": np.array([n])}

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +132,12 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
         or np.count_nonzero((done[u.source] >= u.start) & (done[u.source] < u.stop)) < u.stop - u.start
     ]
     log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
+    t0 = time.perf_counter()
     if todo:
-        for _ in build(cfg, todo, done, pre, post).iter_batches(batch_size=None):
-            pass
+        staged = sum(int(b["rows"].sum()) for b in build(cfg, todo, done, pre, post).iter_batches(batch_size=None))
+        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
 
+    t0 = time.perf_counter()
     warnings = []
     if cfg.clip.enabled and cfg.clip.pretrained is None:
         warnings.append(f"clip.pretrained is null: {cfg.clip.model} ran with random weights; clip_score is noise")
@@ -153,6 +156,7 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
             "mm1data_version": __version__,
         },
     )
+    log.info("dedup, %d shards, meta and index.json in %.1fs", len(index["shards"]), time.perf_counter() - t0)
     return index
 
 
@@ -161,57 +165,45 @@ def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
     import ray
     from ray.data import ActorPoolStrategy
 
+    d, c = cfg.download, cfg.clip
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    gpus = ray.cluster_resources().get("GPU", 0)
+    clip_gpus = (c.num_gpus if c.num_gpus is not None else float(ray.cluster_resources().get("GPU", 0) > 0)) or None
+    # Actors hold their CPU share while idle, so leave one CPU for the tasks (read, repartition, filters,
+    # staging) or the pipeline starves on a small machine. A CPU-only CLIP actor is counted at 0.5.
+    clip_cpus = (1.0 if clip_gpus else 0.5) * c.workers if c.enabled else 0.0
+    dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0))
+    dl_cpus = min(0.5, max(0.05, (cpus - 1 - clip_cpus) / dl_workers))
+
     specs = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))  # -> unit
-    ds = ds.map_batches(
-        read_units,
-        batch_size=1,
-        num_cpus=0.1,  # -> key, src_file, src_row, url, caption, extra, drop_reason
-        fn_kwargs={"cfg": cfg.input, "done": [ray.put(done)]},
+    ds = ds.map_batches(  # -> key, src_file, src_row, url, caption, extra, drop_reason
+        read_units, batch_size=1, num_cpus=0.1, fn_kwargs={"cfg": cfg.input, "done": [ray.put(done)]}
     )
-    d = cfg.download
-    ds = ds.map_batches(
+    # a unit can be a whole parquet row group: cut it so every download actor gets work (streaming, no barrier)
+    ds = ds.repartition(target_num_rows_per_block=d.batch_size)
+    ds = ds.map_batches(  # -> + image, image_ext, width, height, orig_*, sha256, download_*
         ImageDownloader,
         fn_constructor_kwargs={"cfg": d},
-        batch_size=d.batch_size,  # -> + image, sizes,
-        num_cpus=0.5,
-        compute=ActorPoolStrategy(size=d.workers or max(1, cpus - cfg.clip.workers * cfg.clip.enabled)),
+        batch_size=d.batch_size,
+        num_cpus=dl_cpus,
+        compute=ActorPoolStrategy(size=dl_workers),
         zero_copy_batch=False,
-    )  # sha256, download_status, download_error, download_bytes, ...
-    if pre:
-        ds = ds.map_batches(
-            apply_chain,
-            fn_kwargs={"cfg": pre},
-            batch_size=d.batch_size,  # -> + score columns
-            num_cpus=0.25,
-            zero_copy_batch=False,
-        )
-    if cfg.clip.enabled:
-        c = cfg.clip
-        num_gpus = c.num_gpus if c.num_gpus is not None else (1.0 if gpus else 0.0)
+    )
+    if pre:  # -> + one score column per filter, drop_reason
+        ds = ds.map_batches(apply_chain, fn_kwargs={"cfg": pre}, batch_size=d.batch_size, num_cpus=0.25)
+    if c.enabled:  # -> + clip_score
         ds = ds.map_batches(
             ClipScorer,
             fn_constructor_kwargs={"cfg": c},
-            batch_size=c.batch_size,  # -> + clip_score
-            num_cpus=1.0,
-            num_gpus=num_gpus or None,
+            batch_size=c.batch_size,
+            num_cpus=1.0 if clip_gpus else 0.5,
+            num_gpus=clip_gpus,
             compute=ActorPoolStrategy(size=c.workers),
             zero_copy_batch=False,
         )
-    if post:
-        ds = ds.map_batches(
-            apply_chain,
-            fn_kwargs={"cfg": post},
-            batch_size=d.batch_size,  # -> drop_reason
-            num_cpus=0.25,
-            zero_copy_batch=False,
-        )
+    if post:  # -> drop_reason from thresholds on scorer columns
+        ds = ds.map_batches(apply_chain, fn_kwargs={"cfg": post}, batch_size=d.batch_size, num_cpus=0.25)
+    # -> rows (one count per committed staging part)
     return ds.map_batches(
-        write_staging,
-        fn_kwargs={"rows_dir": rows_dir(cfg.output)},  # -> rows
-        batch_size=d.batch_size,
-        num_cpus=0.25,
-        zero_copy_batch=False,
+        write_staging, fn_kwargs={"rows_dir": rows_dir(cfg.output)}, batch_size=d.batch_size, num_cpus=0.25
     )
