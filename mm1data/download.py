@@ -35,6 +35,7 @@ PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 URL_SAFE = "/?#[]@!$&'()*+,;=:%~"  # reserved characters and existing escapes stay; non-ASCII is percent-encoded
 MAX_CONNECTIONS = 8  # keep-alive connections kept per thread (web lists are mostly distinct hosts)
 DNS_TTL_S = 300.0
+IDLE_REUSE_S = 4.0  # reconnect rather than reuse a connection idle this long (common keep-alive timeout: 5 s)
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,14 @@ class Fetcher:
                 conn = _PinnedHTTPS(host, port, ip, timeout, self._ssl)
             else:
                 conn = _PinnedHTTP(host, port, ip, timeout)
+            conn.last_used = time.monotonic()
             pool[key] = conn
             if len(pool) > MAX_CONNECTIONS:  # least recently used goes, so sockets stay bounded
                 pool.popitem(last=False)[1].close()
+        elif time.monotonic() - conn.last_used > IDLE_REUSE_S:  # the server has likely closed it
+            conn.close()
         pool.move_to_end(key)
+        conn.last_used = time.monotonic()
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
@@ -227,30 +232,27 @@ class Fetcher:
                         raise FetchError(f"http_{status}", status)
                     url = urljoin(url, location)
                     continue
-                if status != 200:
+                if not 200 <= status < 300:
                     retry_after = _retry_after(resp.getheader("Retry-After"))
-                    self._drop(conn)
                     raise FetchError(f"http_{status}", status, status == 429 or status >= 500, retry_after)
                 if cfg.disallowed_header_directives and is_disallowed(
                     resp.headers.get_all("X-Robots-Tag") or [], cfg.disallowed_header_directives
                 ):
-                    self._drop(conn)
                     raise FetchError("robots_optout", status)
                 ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
                 if ctype and not (
                     ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")
                 ):
-                    self._drop(conn)
                     raise FetchError("content_type", status)
                 length = resp.getheader("Content-Length")
                 if length and length.isdigit() and int(length) > cfg.max_bytes:
-                    self._drop(conn)
                     raise FetchError("too_large", status)
                 body = self._read_body(resp, deadline)
                 if resp.will_close:
                     self._drop(conn)
                 return body, status
             except FetchError:
+                self._drop(conn)  # the response was not read to its end: the connection cannot be reused
                 raise
             except TimeoutError as e:
                 self._drop(conn)

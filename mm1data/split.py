@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -18,10 +17,10 @@ import pyarrow.parquet as pq
 
 from mm1data import storage
 from mm1data.dedup import mark_duplicates
+from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import staged_files
 
-log = logging.getLogger(__name__)
 META_ROWS = 1_000_000  # rows per meta parquet part
 INTERNAL = ("_part", "_row")
 
@@ -66,13 +65,13 @@ def write_shard(
             t, i = tables[p], pos[p][r]
             row = {c: t.column(c)[i].as_py() for c in t.column_names}
             members, n_tokens = build(row)
-            writer.write(members, num_images=sum(1 for m in members if m.rsplit(".", 1)[-1] in ("jpg", "png", "webp")))
+            writer.write(members, num_images=sum(1 for m in members if m.rsplit(".", 1)[-1] in IMAGE_EXTS))
             tokens += n_tokens
     except BaseException:
         writer.abort()
         raise
     info = writer.close()
-    record = {"fingerprint": fingerprint, "tokens": tokens, "shard": info.__dict__}
+    record = {"fingerprint": fingerprint, "tokens": tokens, "shard": asdict(info)}
     storage.write_bytes(_record_uri(output, name), json.dumps(record).encode())
     return record
 

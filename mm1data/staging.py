@@ -57,9 +57,9 @@ def read_staged(output: str, columns_exclude: tuple[str, ...] = ("image",)) -> p
     """All staged rows (minus heavy columns), with _part (file index) and _row (row in that part) added."""
     tables = []
     for i, f in enumerate(staged_files(output)):
-        pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(f)) if storage.is_s3(f) else f)
-        cols = [c for c in pf.schema_arrow.names if c not in columns_exclude]
-        t = pf.read(columns=cols)
+        with storage.open_seekable(f) as fh:  # column reads: the image bytes are never fetched
+            pf = pq.ParquetFile(fh)
+            t = pf.read(columns=[c for c in pf.schema_arrow.names if c not in columns_exclude])
         t = t.append_column("_part", pa.array(np.full(t.num_rows, i, dtype=np.int32)))
         tables.append(t.append_column("_row", pa.array(np.arange(t.num_rows, dtype=np.int32))))
     if not tables:
@@ -71,8 +71,8 @@ def staged_rows(output: str) -> dict[str, np.ndarray]:
     """{input source: sorted input rows already staged}: a rerun skips whole units, or these rows of a unit."""
     done: dict[str, list[np.ndarray]] = {}
     for f in staged_files(output):
-        src = io.BytesIO(storage.read_bytes(f)) if storage.is_s3(f) else f
-        t = pq.read_table(src, columns=["src_file", "src_row"])
+        with storage.open_seekable(f) as fh:
+            t = pq.read_table(fh, columns=["src_file", "src_row"])
         files, rows = t["src_file"].to_numpy(zero_copy_only=False), t["src_row"].to_numpy()
         for name in np.unique(files):
             done.setdefault(name, []).append(rows[files == name])
