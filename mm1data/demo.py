@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ class Route:
 class ImageServer:
     """A threaded HTTP server on 127.0.0.1 serving `routes`; a context manager. url(path) gives the URL."""
 
-    def __init__(self, routes: dict[str, Route] | None = None) -> None:
+    def __init__(self, routes: dict[str, Route] | None = None, tls: tuple[str, str] | None = None) -> None:
+        """tls: (certfile, keyfile) to serve HTTPS."""
         self.routes = routes if routes is not None else {}
         routes_ref = self.routes
 
@@ -91,11 +93,16 @@ class ImageServer:
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.scheme = "https" if tls else "http"
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def __enter__(self) -> ImageServer:
         self.thread.start()

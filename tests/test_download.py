@@ -170,3 +170,52 @@ def test_non_ascii_paths_are_fetched_and_surprises_stay_per_row(server, monkeypa
     monkeypatch.setattr(dl, "decode_image", boom)
     out = run_stage([server.url("/café.jpg")], retries=0)
     assert list(out["drop_reason"]) == ["fetch_error"]
+
+
+@pytest.fixture
+def tls_cert(tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed: HTTPS not tested")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_verifies_certificates_on_the_pinned_connection(tls_cert):
+    import ssl
+
+    from mm1data.demo import ImageServer
+    from mm1data.download import Fetcher
+
+    with ImageServer({"/a.jpg": Route(jpeg())}, tls=tls_cert) as srv:
+        assert srv.url("/a.jpg").startswith("https://")
+        out = run_stage([srv.url("/a.jpg")], retries=0)
+        assert list(out["drop_reason"]) == ["ssl"]  # self-signed: refused by the default trust store
+        fetcher = Fetcher(DownloadConfig(allow_private_hosts=True, retries=0))
+        fetcher._ssl = ssl.create_default_context(cafile=tls_cert[0])  # trust this test CA only
+        body, status, attempts = fetcher.fetch(srv.url("/a.jpg"))
+        assert (status, attempts) == (200, 1) and body == srv.routes["/a.jpg"].body
