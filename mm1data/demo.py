@@ -176,6 +176,7 @@ def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
     from mm1data.pipelines import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1, like the server
     corpus = os.path.join(out, "caption")
     if os.path.exists(corpus):  # the server's port changes per run, so an earlier demo's rows are stale
         shutil.rmtree(corpus)

@@ -14,6 +14,9 @@ from PIL import Image
 from mm1data.demo import ImageServer, Route
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray's local instance binds the host's address by default; this keeps it (and the CLI runs the tests start,
+# which inherit the environment) on 127.0.0.1, the only address tests may use.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def jpeg(w: int = 320, h: int = 240, color: tuple = (200, 40, 40), seed: int = 0) -> bytes:
