@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -174,14 +175,42 @@ def read_range(uri: str, start: int, stop: int) -> bytes:
         return f.read(stop - start)
 
 
-def open_seekable(uri: str):
-    """A seekable binary file (parquet footers): pyarrow's S3 filesystem for s3://, which needs the endpoint
-    passed explicitly because it ignores AWS_ENDPOINT_URL."""
+def open_seekable(uri: str) -> IO[bytes]:
+    """A seekable binary file (parquet reads only the footer and the columns it needs): a local file, or an
+    S3 object read by ranged GETs through the same boto3 client as everything else."""
     if not is_s3(uri):
         return open(uri, "rb")
-    from pyarrow import fs
+    return io.BufferedReader(_S3RangeReader(uri), buffer_size=1 << 20)
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    s3 = fs.S3FileSystem(endpoint_override=endpoint, region=region) if endpoint else fs.S3FileSystem(region=region)
-    return s3.open_input_file(uri[len("s3://") :])
+
+class _S3RangeReader(io.RawIOBase):
+    """Seekable raw reader over one S3 object; each read is one ranged GET. boto3 has no seekable object
+    file, and pyarrow's S3 filesystem would be a second credential and endpoint path (it ignores
+    AWS_ENDPOINT_URL)."""
+
+    def __init__(self, uri: str) -> None:
+        self.bucket, self.key = split_s3(uri)
+        self.size = s3_client().head_object(Bucket=self.bucket, Key=self.key)["ContentLength"]
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = read_range(f"s3://{self.bucket}/{self.key}", self.pos, self.pos + n)
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
