@@ -163,7 +163,7 @@ def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig) -> list[Unit]:
         _check_jsonl_first(first, cfg, uri)
         return [Unit(uri, source, fmt, 0, count)] if count else []
     with storage.open_read(uri) as raw:
-        lines = _Lines(io.BufferedReader(raw) if storage.is_s3(uri) else raw)
+        lines = _Lines(raw)
         header: tuple[str, ...] = ()
         if fmt in ("csv", "tsv"):
             reader = csv.reader(lines, delimiter="," if fmt == "csv" else "\t")

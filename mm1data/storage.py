@@ -61,7 +61,7 @@ def open_read(uri: str) -> IO[bytes]:
     """A binary stream; S3 objects are streamed, not copied to disk."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]._raw_stream
+        return io.BufferedReader(s3_client().get_object(Bucket=bucket, Key=key)["Body"], 1 << 20)
     return open(uri, "rb")
 
 

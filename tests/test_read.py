@@ -112,3 +112,18 @@ def test_directory_and_glob_keys_use_relative_paths(tmp_path):
     by_dir, by_glob = read_all(tmp_path / "d"), read_all(str(tmp_path / "d" / "*.jsonl"))
     assert by_dir["src_file"][0] == "a.jsonl" and by_dir["src_file"][-1] == "b.jsonl"
     assert by_dir["key"] == by_glob["key"] and len(set(by_dir["key"])) == 14
+
+
+def test_s3_inputs_of_every_format(s3_server, tmp_path):
+    """jsonl, jsonl.gz, csv and parquet on S3 (moto's server, real boto3) read exactly like local files."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="inputs")
+    for fmt in ("jsonl", "jsonl.gz", "csv", "parquet"):
+        s3.upload_file(str(write(tmp_path, fmt)), "inputs", f"many/in.{fmt}")
+    got = read_all("s3://inputs/many/", rows_per_unit=3)
+    assert got["src_file"][:: len(ROWS)] == ["in.csv", "in.jsonl", "in.jsonl.gz", "in.parquet"]
+    assert got["url"] == [r["url"] for r in ROWS] * 4 and got["drop_reason"] == [""] * 28
+    with pytest.raises(ConfigError, match="cannot read input location 's3://missing-bucket/x'"):
+        plan_units(InputConfig(path="s3://missing-bucket/x"))
