@@ -16,7 +16,10 @@ Peak RSS: Linux keeps a process's ru_maxrss across exec, so a "spawn" child star
 RSS as its high-water mark. img2dataset (whose pool is spawned) therefore runs inside a fresh runner process
 and its workers' RUSAGE_CHILDREN is read there (still an upper bound: at least the runner's RSS, which has
 imported img2dataset as its workers do) and covers img2dataset's logger process too; mm1data's workers are
-forked from a small forkserver.
+forked from a small forkserver. Ray's actors are neither children nor forked from here, so for the ray and run
+rows a thread samples, every 0.2 s, VmHWM (the kernel's peak RSS) in /proc/<pid>/status of every process whose
+cmdline names ImageDownloader (Ray retitles an actor "ray::MapWorker(MapBatches(ImageDownloader))"), leaving
+out those alive when the run starts: the warm-up's actors, which Ray takes a while to end.
 
     .venv/bin/python bench/download.py [--n 2000] [--processes 2] [--no-ray] [--out-json figures.json]
 """
@@ -32,8 +35,10 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
 
@@ -64,6 +69,49 @@ def serve(n: int, conn: Connection, seed: int = 0) -> None:
         distinct = len({r.body for r in server.routes.values()})
         conn.send((rows, distinct, time.perf_counter() - t0))
         conn.recv()
+
+
+class PeakRSS:
+    """Context manager: a thread that samples VmHWM of every process whose /proc cmdline contains `needle`,
+    leaving out those already running on entry (a finished dataset's actors linger for a while)."""
+
+    def __init__(self, needle: str = "ImageDownloader", period_s: float = 0.2) -> None:
+        self.needle, self.period_s, self.peak_kib = needle.encode(), period_s, {}  # pid -> max VmHWM seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRSS:
+        self._old = dict(self._scan())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _scan(self) -> Iterator[tuple[str, int]]:
+        """Yields (pid, VmHWM KiB) of the matching processes."""
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:  # the process may exit between the listing and the reads
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.needle not in f.read():
+                        continue
+                with open(f"/proc/{pid}/status") as f:
+                    yield pid, next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for pid, kib in self._scan():
+                if pid not in self._old:
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), kib)
+
+    def result(self) -> dict:
+        """The max over sampled processes, in MiB (absent if none was seen), and how many there were."""
+        if not self.peak_kib:
+            return {"rss_pids": 0}
+        return {"peak_rss_mib": max(self.peak_kib.values()) / 1024, "rss_pids": len(self.peak_kib)}
 
 
 def summarize(ok: int, w: int, h: int, errors: Counter) -> dict:
@@ -242,9 +290,13 @@ def main() -> None:
             ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             warm["mm1data ray"] = run_mm1data_ray(urls[:WARMUP], args)
-            results["mm1data ray"] = run_mm1data_ray(urls, args)
+            with PeakRSS() as rss:
+                results["mm1data ray"] = run_mm1data_ray(urls, args)
+            results["mm1data ray"].update(rss.result())
             warm["mm1data run"] = run_mm1data_pipeline(rows[:WARMUP], args, tmp, "warmup")
-            results["mm1data run"] = run_mm1data_pipeline(rows, args, tmp, "full")
+            with PeakRSS() as rss:
+                results["mm1data run"] = run_mm1data_pipeline(rows, args, tmp, "full")
+            results["mm1data run"].update(rss.result())
             ray.shutdown()
     conn.send("stop")
     server.join()
@@ -272,7 +324,11 @@ def main() -> None:
     print(
         "ratio = samples/s over img2dataset's; /core = samples/s / --processes. peak RSS/worker: img2dataset = "
         "max ru_maxrss over its child processes, pool workers and its logger (RUSAGE_CHILDREN in the process "
-        "that ran it); mm1data mp = max ru_maxrss (RUSAGE_SELF) inside each worker; ray not measured."
+        "that ran it); mm1data mp = max ru_maxrss (RUSAGE_SELF) inside each worker; mm1data ray, run = max VmHWM "
+        "(peak RSS) over the processes whose cmdline names ImageDownloader and that started during the timed run, "
+        "sampled from /proc every 0.2 s ("
+        + ", ".join(f"{k}: {r['rss_pids']}" for k, r in results.items() if "rss_pids" in r)
+        + " seen)."
     )
     if args.out_json:
         with open(args.out_json, "w") as f:

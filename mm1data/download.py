@@ -31,7 +31,7 @@ USER_AGENT_TOKEN = "mm1data"
 USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/0.1; +https://github.com/mm1data/mm1data)"
 REDIRECTS = (301, 302, 303, 307, 308)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
-PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+PIL_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # kept as fetched when unchanged
 URL_SAFE = "/?#[]@!$&'()*+,;=:%~"  # reserved characters and existing escapes stay; non-ASCII is percent-encoded
 MAX_CONNECTIONS = 8  # keep-alive connections kept per thread (web lists are mostly distinct hosts)
 DNS_TTL_S = 300.0
@@ -53,7 +53,7 @@ class DownloadConfig:
     image_size: int = 512  # target side in px for the resize mode
     resize_mode: str = "keep_ratio"  # no | keep_ratio | keep_ratio_largest | center_crop | border (img2dataset's)
     resize_only_if_bigger: bool = True  # never upscale
-    encode_format: str = "jpg"  # jpg | png | webp for re-encoded images
+    encode_format: str = "jpg"  # jpg | png | webp for resized images (unchanged jpg/png/webp keep their bytes)
     encode_quality: int = 95
     allow_private_hosts: bool = False  # fetch from private/loopback/link-local/metadata addresses (tests, demo)
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
@@ -325,30 +325,29 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
     if w * h > cfg.max_pixels or w <= 0 or h <= 0:
         raise FetchError("decompression_bomb")
     tw, th = target_size(w, h, cfg)
+    resize = (tw, th) != (w, h)
     try:
-        if fmt == "JPEG" and (tw, th) != (w, h):
+        if fmt in ("JPEG", "MPO") and resize:
             im.draft("RGB", (tw, th))  # DCT-domain downscale by 1/2, 1/4 or 1/8: the main speed-up
-        im.load()
-        if (tw, th) == (w, h) and cfg.resize_mode != "border" and fmt in PIL_FORMATS and im.mode in ("RGB", "L"):
-            if cfg.resize_mode != "center_crop" or w == h:
-                return Decoded(body, PIL_FORMATS[fmt], w, h, w, h)  # unchanged: keep the original bytes
+        im.load()  # a full decode even when unchanged: truncated or corrupt data fails here, not in training
+        if not resize and fmt in PIL_FORMATS and im.mode in ("RGB", "L"):
+            return Decoded(body, PIL_FORMATS[fmt], w, h, w, h)  # unchanged: keep the original bytes
         im = _to_rgb(im)
-        if im.size != (tw, th):
+        if resize:  # as img2dataset: crop and border apply only when the image is resized
             up = tw > im.size[0]
             im = im.resize(
                 (tw, th),
                 Image.Resampling.BICUBIC if up else Image.Resampling.LANCZOS,
                 reducing_gap=None if up else 3.0,
             )
-        if cfg.resize_mode == "center_crop":
-            s = min(im.size)
-            left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-        elif cfg.resize_mode == "border":
-            side = max(cfg.image_size, *im.size)
-            canvas = Image.new("RGB", (side, side))
-            canvas.paste(im, ((side - im.size[0]) // 2, (side - im.size[1]) // 2))
-            im = canvas
+            if cfg.resize_mode == "center_crop":
+                s = min(im.size)
+                left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+            elif cfg.resize_mode == "border":  # padded with white, as img2dataset does
+                canvas = Image.new("RGB", (cfg.image_size, cfg.image_size), (255, 255, 255))
+                canvas.paste(im, ((cfg.image_size - im.size[0]) // 2, (cfg.image_size - im.size[1]) // 2))
+                im = canvas
         out = io.BytesIO()
         ext = cfg.encode_format
         if ext == "jpg":

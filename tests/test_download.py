@@ -129,6 +129,8 @@ def test_x_robots_tag_parsing_matches_img2dataset():
         ("border", 100, (100, 100)),
         ("no", 100, (400, 300)),
         ("keep_ratio", 1000, (400, 300)),
+        ("center_crop", 1000, (400, 300)),  # not resized, so not cropped or padded (img2dataset's rule)
+        ("border", 1000, (400, 300)),
     ],
 )
 def test_resize_modes(mode, size, expected):
@@ -136,6 +138,12 @@ def test_resize_modes(mode, size, expected):
     assert (d.width, d.height) == expected
     assert Image.open(io.BytesIO(d.data)).size == expected
     assert (d.orig_width, d.orig_height) == (400, 300)
+
+
+def test_border_pads_with_white_like_img2dataset():
+    d = decode_image(jpeg(400, 200, color=(10, 10, 10)), DownloadConfig(resize_mode="border", image_size=100))
+    im = Image.open(io.BytesIO(d.data)).convert("RGB")
+    assert im.size == (100, 100) and min(im.getpixel((50, 2))) > 240 and max(im.getpixel((50, 50))) < 60
 
 
 def test_unchanged_image_keeps_original_bytes_and_alpha_goes_on_white():
