@@ -63,3 +63,35 @@ def test_index_round_trip(tmp_path):
     back = read_index(str(tmp_path))
     assert back["totals"] == {"samples": 3, "images": 3, "tokens": 27, "bytes": info.bytes}
     assert back["shards"][0]["sha256"] == info.sha256 and back["kind"] == "caption"
+
+
+def test_sample_json_keeps_extra_columns_but_mm1data_fields_win():
+    import json
+
+    from mm1data.pipelines.caption import build_sample
+
+    row = {
+        "key": make_key("f", 0),
+        "caption": "a cat",
+        "image": b"\xff\xd8jpeg",
+        "image_ext": "jpg",
+        "url": "http://a/1.jpg",
+        "width": 64,
+        "clip_score": float("nan"),
+        "drop_reason": "",
+        "download_error": "",
+        "src_file": "in.parquet",
+        "src_row": 0,
+        "extra": json.dumps({"source": "laion", "width": 9999, "license": "cc-by"}),
+    }
+    members, tokens = build_sample(row)
+    meta = json.loads(members[f"{row['key']}.json"])
+    assert meta == {
+        "url": "http://a/1.jpg",
+        "width": 64,
+        "clip_score": None,
+        "source": "in.parquet",
+        "row": 0,
+        "license": "cc-by",
+    }
+    assert members[f"{row['key']}.txt"] == b"a cat" and tokens == 5

@@ -57,26 +57,19 @@ def read_units(batch: Batch, cfg: InputConfig, done: list) -> Batch:
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 
+# staged columns that are not sample metadata (they are tar members, internal, or always empty when kept)
+NOT_IN_JSON = {"image", "caption", "extra", "drop_reason", "image_ext", "download_error", "src_file", "src_row", "key"}
+
+
 def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
-    """A staged row -> the tar members of one CaptionSample, and its text tokens."""
-    meta = {
-        k: v
-        for k, v in row.items()
-        if k
-        not in (
-            "image",
-            "caption",
-            "extra",
-            "drop_reason",
-            "image_ext",
-            "download_error",
-            "src_file",
-            "src_row",
-            "key",
-        )
-    }
-    meta = {k: (None if isinstance(v, float) and v != v else v) for k, v in meta.items()}
-    meta.update(source=row["src_file"], row=row["src_row"], **json.loads(row["extra"] or "{}"))
+    """A staged row -> the tar members of one CaptionSample, and its text tokens.
+
+    The json holds the input's extra columns, then mm1data's fields (url, sizes, scores, source, row), which
+    win on a name clash: an input column called `source` or `width` must not break or fake them.
+    """
+    meta = json.loads(row["extra"] or "{}")
+    meta.update((k, None if isinstance(v, float) and v != v else v) for k, v in row.items() if k not in NOT_IN_JSON)
+    meta.update(source=row["src_file"], row=row["src_row"])
     sample = CaptionSample(row["key"], row["caption"], row["image"], row["image_ext"], meta)
     return sample.to_members(), count_tokens(row["caption"])
 
