@@ -308,9 +308,7 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return _text(v)[0]
-    if isinstance(v, str):
+    if isinstance(v, (bytes, str)):
         return _text(v)[0]
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]

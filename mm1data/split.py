@@ -53,18 +53,15 @@ def write_shard(
     needed: dict[int, list[int]] = {}
     for p, r in rows:
         needed.setdefault(p, []).append(r)
-    tables = {}
+    staged: dict[tuple[int, int], dict[str, Any]] = {}  # (part, row) -> the staged row, image included
     for p, rs in needed.items():
         src = io.BytesIO(storage.read_bytes(parts[p])) if storage.is_s3(parts[p]) else parts[p]
-        tables[p] = pq.read_table(src).take(rs)
-    pos = {p: {r: i for i, r in enumerate(rs)} for p, rs in needed.items()}
+        staged.update(zip(((p, r) for r in rs), pq.read_table(src).take(rs).to_pylist()))
     writer = TarShardWriter(storage.join(output, name))
     tokens = 0
     try:
-        for p, r in rows:
-            t, i = tables[p], pos[p][r]
-            row = {c: t.column(c)[i].as_py() for c in t.column_names}
-            members, n_tokens = build(row)
+        for key in rows:
+            members, n_tokens = build(staged[key])
             writer.write(members, num_images=sum(1 for m in members if m.rsplit(".", 1)[-1] in IMAGE_EXTS))
             tokens += n_tokens
     except BaseException:
@@ -95,7 +92,7 @@ def finalize(
     keys = table["key"].to_numpy(zero_copy_only=False)
     first = np.ones(len(keys), dtype=bool)
     first[1:] = keys[1:] != keys[:-1]
-    table = table.filter(pa.array(first))
+    table, keys = table.filter(pa.array(first)), keys[first]
 
     reason = table["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
     if dedup_cfg.url:
@@ -116,7 +113,7 @@ def finalize(
         idx = kept[a:b]
         shard_of[idx] = name
         rows = list(zip(part_col[idx].tolist(), row_col[idx].tolist()))
-        fingerprint = hashlib.sha256("\n".join(keys_of(table, idx)).encode()).hexdigest()
+        fingerprint = hashlib.sha256("\n".join(keys[idx].tolist()).encode()).hexdigest()
         rec_uri = _record_uri(output, name)
         if storage.exists(rec_uri):
             rec = json.loads(storage.read_bytes(rec_uri))
@@ -150,9 +147,10 @@ def finalize(
         buf = io.BytesIO()
         pq.write_table(meta.slice(j * META_ROWS, META_ROWS), buf, compression="zstd")
         storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
+    written = {f"part-{j:06d}.parquet" for j in range(n_meta)}
     for f in storage.list_files(storage.join(output, "meta")):
         name = f.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name not in {f"part-{j:06d}.parquet" for j in range(n_meta)}:
+        if name.startswith("part-") and name not in written:  # parts of an earlier, larger run
             storage.delete(f)
 
     status = table["download_error"].to_numpy(zero_copy_only=False) if "download_error" in table.column_names else None
@@ -167,10 +165,6 @@ def finalize(
     index = build_index(kind, corpus, shards, tokens, funnel=funnel, **extra_index)
     write_index(output, index)  # last: the run is complete when this exists
     return index
-
-
-def keys_of(table: pa.Table, idx: np.ndarray) -> list[str]:
-    return table["key"].take(pa.array(idx, type=pa.int64())).to_pylist()
 
 
 def _remove_stale(output: str, corpus: str, keep: set[str]) -> None:

@@ -16,10 +16,4 @@ class ClipScoreFilter(Filter):
     needs = ("clip_score",)
 
     def score(self, batch: Batch) -> np.ndarray:
-        return batch["clip_score"]
-
-    def __call__(self, batch: Batch) -> Batch:
-        s = batch["clip_score"]  # the column is the scorer's; this filter only thresholds it
-        failed = ((s < self.min) | (s > self.max)) & (batch["drop_reason"] == "")
-        batch["drop_reason"] = np.where(failed, self.name, batch["drop_reason"]).astype(object)
-        return batch
+        return batch["clip_score"]  # the scorer's column; this filter only thresholds it
