@@ -2,7 +2,8 @@
 
 Units are small and deterministic, so reading parallelises on Ray and every row has a stable key derived
 from (input file relative to the input root, row number). Per-row problems become drop reasons here:
-malformed_row (bad JSON line or CSV record), missing_url, caption_utf8 (invalid UTF-8), empty_caption.
+malformed_row (bad JSON line or CSV record), missing_url, caption_utf8 (invalid UTF-8), empty_caption; for text
+documents text_utf8, empty_text, binary_text, too_large, not_text (a WARC record that holds no text).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,10 @@ FORMATS = {
     ".json.gz": "jsonl.gz",
     ".csv": "csv",
     ".tsv": "tsv",
+    ".warc": "warc",
+    ".warc.gz": "warc",
+    ".wet": "warc",
+    ".wet.gz": "warc",
 }
 
 
@@ -42,6 +48,25 @@ class InputConfig:
     caption_col: str = "caption"
     extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
     rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
+
+    def required_cols(self) -> tuple[str, ...]:
+        return (self.url_col, self.caption_col)
+
+
+@dataclass(frozen=True)
+class TextInputConfig:
+    path: str = ""  # file, directory or glob, local or s3:// (the --input flag sets it)
+    format: str = "auto"  # auto (by extension) | parquet | jsonl | jsonl.gz | warc (.warc/.wet, optionally .gz)
+    text_col: str = "text"
+    id_col: str | None = None  # optional document id, kept in the sample json as `id`
+    url_col: str | None = None  # optional source URL, kept as `url`
+    extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
+    rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
+    max_bytes: int = 10_000_000  # a longer document is dropped as too_large (its text is not kept)
+    html: bool = True  # WARC text/html responses: extract the main text with trafilatura (else not_text)
+
+    def required_cols(self) -> tuple[str, ...]:
+        return (self.text_col,)
 
 
 @dataclass(frozen=True)
@@ -91,7 +116,7 @@ def list_inputs(cfg: InputConfig) -> list[tuple[str, str, str]]:
         source = f[len(root) :].lstrip("/") if root and f.startswith(root) else os.path.basename(f)
         out.append((f, source, fmt))
     if not out:
-        raise ConfigError(f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv)")
+        raise ConfigError(f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv, warc[.gz], wet[.gz])")
     return out
 
 
@@ -115,7 +140,7 @@ class _Lines:
         return line.decode("utf-8", "surrogateescape")
 
 
-def plan_units(cfg: InputConfig) -> list[Unit]:
+def plan_units(cfg: InputConfig | TextInputConfig) -> list[Unit]:
     """Cut every input file into units of about cfg.rows_per_unit rows; checks the required columns exist."""
     units: list[Unit] = []
     for uri, source, fmt in list_inputs(cfg):
@@ -128,17 +153,22 @@ def plan_units(cfg: InputConfig) -> list[Unit]:
     return units
 
 
-def _require(columns: list[str], cfg: InputConfig, uri: str) -> None:
-    for col in (cfg.url_col, cfg.caption_col):
+def _require(columns: list[str], cfg: InputConfig | TextInputConfig, uri: str) -> None:
+    for col in cfg.required_cols():
         if col not in columns:
+            names = " / ".join(f"input.{f.name}" for f in fields(cfg) if getattr(cfg, f.name) == col)
             raise ConfigError(
-                f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); "
-                f"set input.url_col / input.caption_col"
+                f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); set {names}"
             )
 
 
-def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig) -> list[Unit]:
+def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig | TextInputConfig) -> list[Unit]:
     n = cfg.rows_per_unit
+    if fmt == "warc":  # gzip members cannot be found without reading: the whole file is one unit
+        if not isinstance(cfg, TextInputConfig):
+            raise ConfigError(f"{uri}: WARC input is for text documents")
+        count = sum(1 for _ in _warc_records(uri, html=False))
+        return [Unit(uri, source, fmt, 0, count)] if count else []
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -187,7 +217,7 @@ def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig) -> list[Unit]:
     return units
 
 
-def _check_jsonl_first(line: Any, cfg: InputConfig, uri: str) -> None:
+def _check_jsonl_first(line: Any, cfg: InputConfig | TextInputConfig, uri: str) -> None:
     """The first record names the columns; a file whose first record lacks url or caption is a config error."""
     if line is None:
         return
@@ -217,11 +247,15 @@ def _text(value: Any) -> tuple[str, bool]:
         value.encode("utf-8")
         return value, True
     except UnicodeEncodeError:  # lone surrogates from surrogateescape: the input bytes were not UTF-8
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
+        # (surrogatepass: a JSON "\ud800" escape is a lone surrogate that surrogateescape cannot encode)
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), False
 
 
-def _records(unit: Unit) -> Iterator[dict[str, Any] | None]:
+def _records(unit: Unit, html: bool = False) -> Iterator[dict[str, Any] | None]:
     """Yield one dict per input row of the unit (None for a row that cannot be parsed)."""
+    if unit.fmt == "warc":
+        yield from _warc_records(unit.uri, html)
+        return
     if unit.fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -319,3 +353,108 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "isoformat"):
         return v.isoformat()
     return v
+
+
+# ---- text documents ----------------------------------------------------------------------------------------
+
+# control characters (not tab/newline/CR) and U+FFFD: a "document" made mostly of them is binary data
+_BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+BINARY_SHARE = 0.1  # more than this share of such characters -> binary_text
+
+
+def _warc_records(uri: str, html: bool, max_bytes: int = 0) -> Iterator[dict[str, Any]]:
+    """Content records of a WARC/WET file (warcio): WET `conversion` text, `response`/`resource` bodies.
+
+    Request, metadata and warcinfo records are not documents and are not rows. An HTML body becomes its main text
+    (trafilatura, as datatrove's extractor) when `html`; any other non-text body is a row with reason not_text.
+    """
+    from warcio.archiveiterator import ArchiveIterator
+
+    with storage.open_read(uri) as f:
+        for rec in ArchiveIterator(f):
+            if rec.rec_type not in ("conversion", "response", "resource"):
+                continue
+            out: dict[str, Any] = {
+                "url": rec.rec_headers.get_header("WARC-Target-URI") or "",
+                "id": rec.rec_headers.get_header("WARC-Record-ID") or "",
+            }
+            if not html and not max_bytes:  # planning: count records only
+                yield out
+                continue
+            ctype = (
+                rec.http_headers.get_header("Content-Type") if rec.http_headers else rec.content_type
+            ) or "text/plain"
+            body = rec.content_stream().read(max_bytes + 1 if max_bytes else -1)
+            if max_bytes and len(body) > max_bytes:
+                out["_reason"] = "too_large"
+            elif "html" in ctype.lower():
+                out["text"] = _extract_html(body) if html else None
+                out["_reason"] = "" if html else "not_text"
+            elif ctype.lower().startswith("text/") or rec.rec_type == "conversion":
+                out["text"] = body
+            else:
+                out["_reason"] = "not_text"
+            yield out
+
+
+def _extract_html(body: bytes) -> str:
+    try:
+        import trafilatura
+    except ImportError as e:
+        raise ImportError("WARC HTML extraction needs trafilatura: pip install 'mm1data[html]'") from e
+    return trafilatura.extract(body, favor_precision=True, include_comments=False, deduplicate=True) or ""
+
+
+def read_text_unit(unit: Unit, cfg: TextInputConfig) -> Batch:
+    """-> key, src_file, src_row, text, text_bytes, url, id, extra, drop_reason (one row per document).
+
+    Bad documents stay rows with a reason: text_utf8 (invalid UTF-8), empty_text (null, empty or whitespace),
+    binary_text, too_large (over input.max_bytes; its text is not kept, so memory stays bounded), not_text.
+    """
+    cols: dict[str, list] = {k: [] for k in ("key", "text", "text_bytes", "url", "id", "extra", "drop_reason")}
+    records = _warc_records(unit.uri, cfg.html, cfg.max_bytes) if unit.fmt == "warc" else _records(unit)
+    for i, rec in enumerate(records):
+        cols["key"].append(make_key(unit.source, unit.start + i))
+        if rec is None:
+            rec = {"_reason": "malformed_row"}
+        raw = rec.get(cfg.text_col if unit.fmt != "warc" else "text")
+        reason = rec.get("_reason", "")
+        if raw is not None and not isinstance(raw, (str, bytes)):
+            raw, reason = None, reason or "not_text"  # a number, list or object where the text should be
+        size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw or b"")
+        text, ok = ("", True) if reason or size > cfg.max_bytes else _text(raw)
+        if reason:
+            pass
+        elif size > cfg.max_bytes:
+            reason = "too_large"
+        elif not ok:
+            reason, text = "text_utf8", ""
+        elif not text.strip():
+            reason = "empty_text"
+        elif len(_BINARY.findall(text)) > BINARY_SHARE * len(text):
+            reason, text = "binary_text", ""
+        if unit.fmt == "warc":
+            url, doc_id, extra = rec.get("url", ""), rec.get("id", ""), {}
+        else:
+            url = _text(rec.get(cfg.url_col))[0] if cfg.url_col else ""
+            doc_id = _text(rec.get(cfg.id_col))[0] if cfg.id_col else ""
+            own = {cfg.text_col, cfg.url_col, cfg.id_col}
+            names = cfg.extra_cols if cfg.extra_cols is not None else [k for k in rec if k not in own]
+            extra = {k: _jsonable(rec.get(k)) for k in names if not k.startswith("_")}
+        cols["text"].append(text)
+        cols["text_bytes"].append(size)
+        cols["url"].append(url.strip())
+        cols["id"].append(doc_id)
+        cols["extra"].append(json.dumps(extra, ensure_ascii=False))
+        cols["drop_reason"].append(reason)
+    n = len(cols["key"])
+    if unit.stop - unit.start != n:
+        raise RuntimeError(
+            f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
+            "did the input change during the run?"
+        )
+    out = {k: np.array(v, dtype=object) if n else np.empty(0, dtype=object) for k, v in cols.items()}
+    out["text_bytes"] = np.array(cols["text_bytes"], dtype=np.int64)
+    out["src_file"] = np.array([unit.source] * n, dtype=object) if n else np.empty(0, dtype=object)
+    out["src_row"] = np.arange(unit.start, unit.stop)
+    return out

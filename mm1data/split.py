@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mm1data import storage
-from mm1data.dedup import mark_duplicates
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import staged_files
@@ -32,11 +31,9 @@ class ShardConfig:
     workers: int = 0  # parallel shard writers; 0 = one per cluster CPU
 
 
-@dataclass(frozen=True)
-class DedupConfig:
-    url: bool = True  # drop_reason dup_url: the same URL earlier in the input
-    image_sha256: bool = True  # drop_reason dup_image: the same image bytes earlier in the input
-
+# A dedup step marks rows of the table (sorted into input order) given their drop reasons; it returns the new
+# reasons and any columns to add to the score store.
+DedupStep = Callable[[pa.Table, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]
 
 # A sample builder turns one staged row (a dict of column values, image included) into tar members.
 SampleBuilder = Callable[[dict[str, Any]], tuple[dict[str, bytes], int]]
@@ -80,10 +77,13 @@ def finalize(
     table: pa.Table,
     build: SampleBuilder,
     shard_cfg: ShardConfig,
-    dedup_cfg: DedupConfig,
+    dedup: DedupStep,
     extra_index: dict[str, Any],
+    size_col: str = "image_bytes",
 ) -> dict[str, Any]:
-    """Dedup, shard, meta, index.json (last). `table` is read_staged(): every row, no image bytes."""
+    """Dedup, shard, meta, index.json (last). `table` is read_staged(): every row, without heavy columns.
+
+    `size_col` holds each row's payload bytes, for cutting shards by size."""
     import ray
 
     parts = staged_files(output)
@@ -94,15 +94,13 @@ def finalize(
     first[1:] = keys[1:] != keys[:-1]
     table, keys = table.filter(pa.array(first)), keys[first]
 
-    reason = table["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
-    if dedup_cfg.url:
-        reason = mark_duplicates(table["url"].to_numpy(zero_copy_only=False).astype(object), reason, "dup_url")
-    if dedup_cfg.image_sha256:
-        reason = mark_duplicates(table["sha256"].to_numpy(zero_copy_only=False).astype(object), reason, "dup_image")
+    reason, added = dedup(table, table["drop_reason"].to_numpy(zero_copy_only=False).astype(object))
     table = table.set_column(table.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist()))
+    for name, values in added.items():  # e.g. the near-duplicate cluster of each row, into the score store
+        table = table.append_column(name, pa.array(values))
 
     kept = np.flatnonzero(reason == "")
-    nbytes = table["image_bytes"].to_numpy()[kept] if "image_bytes" in table.column_names else np.zeros(len(kept))
+    nbytes = table[size_col].to_numpy()[kept] if size_col in table.column_names else np.zeros(len(kept))
     ranges = plan_shards(nbytes.tolist(), shard_cfg.samples_per_shard, shard_cfg.bytes_per_shard)
     part_col, row_col = table["_part"].to_numpy(), table["_row"].to_numpy()
 

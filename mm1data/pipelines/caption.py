@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -11,21 +12,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from mm1data import __version__, storage
+from mm1data import __version__
 from mm1data.config import ConfigError, to_dict
+from mm1data.dedup import mark_duplicates
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.read import InputConfig, Unit, plan_units, read_unit
 from mm1data.registry import get_filter
 from mm1data.schema import CaptionSample, count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
-from mm1data.split import DedupConfig, ShardConfig, finalize
-from mm1data.stage import Batch
-from mm1data.staging import read_staged, rows_dir, staged_rows, write_staging
+from mm1data.split import ShardConfig, finalize
+from mm1data.staging import (
+    check_run,
+    pending_units,
+    read_pending,
+    read_staged,
+    rows_dir,
+    staged_rows,
+    unit_specs,
+    write_staging,
+)
 
 log = logging.getLogger(__name__)
 KIND = "caption"
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    url: bool = True  # drop_reason dup_url: the same URL earlier in the input
+    image_sha256: bool = True  # drop_reason dup_image: the same image bytes earlier in the input
 
 
 @dataclass(frozen=True)
@@ -39,22 +56,6 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
-
-
-def read_units(batch: Batch, cfg: InputConfig, done: list) -> Batch:
-    """One row per unit (JSON) -> the unit's input rows, minus rows an earlier run already staged."""
-    import ray
-
-    done_rows = ray.get(done[0])
-    out = []
-    for spec in batch["unit"]:
-        unit = Unit(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec).items()})
-        b = read_unit(unit, cfg)
-        if unit.source in done_rows:
-            keep = ~np.isin(b["src_row"], done_rows[unit.source])
-            b = {k: v[keep] for k, v in b.items()}
-        out.append(b)
-    return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 
 # staged columns that are not sample metadata (they are tar members, internal, or always empty when kept)
@@ -74,6 +75,15 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     return sample.to_members(), count_tokens(row["caption"])
 
 
+def dedup(table: pa.Table, reason: np.ndarray, cfg: DedupConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Later copies of a kept row's URL (dup_url) or image bytes (dup_image); the first in input order is kept."""
+    if cfg.url:
+        reason = mark_duplicates(table["url"].to_numpy(zero_copy_only=False).astype(object), reason, "dup_url")
+    if cfg.image_sha256:
+        reason = mark_duplicates(table["sha256"].to_numpy(zero_copy_only=False).astype(object), reason, "dup_image")
+    return reason, {}
+
+
 def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]) -> dict[str, Any]:
     """What staged rows depend on; a rerun with a different one would mix incompatible rows."""
     rows = json.dumps([(u.source, u.start, u.stop) for u in units]).encode()
@@ -86,24 +96,6 @@ def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]
     }
 
 
-def _check_staging(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]) -> None:
-    uri = storage.join(cfg.output, "_staging", "run.json")
-    fp = json.loads(json.dumps(_fingerprint(cfg, chain, units), default=str))
-    if storage.exists(uri):
-        old = json.loads(storage.read_bytes(uri))
-        diff = sorted(k for k in fp if fp[k] != old.get(k))
-        if diff:
-            raise ConfigError(
-                f"{cfg.output} holds rows staged with a different config ({', '.join(diff)} differ); "
-                "rerun with the same config or use another --output"
-            )
-    else:
-        try:
-            storage.write_bytes(uri, json.dumps(fp, indent=1).encode())
-        except Exception as e:
-            raise ConfigError(f"cannot write to output location {cfg.output!r}: {type(e).__name__}: {e}") from e
-
-
 def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
     """Run (or finish, after a crash) the caption job; returns the index.json it wrote."""
     from mm1data.pipelines import init_ray
@@ -114,16 +106,11 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     if post and not cfg.clip.enabled:
         raise ConfigError("filter clip_score needs clip.enabled: true")
     units = plan_units(cfg.input)
-    _check_staging(cfg, chain, units)
+    check_run(cfg.output, _fingerprint(cfg, chain, units))
     init_ray(address)
 
     done = staged_rows(cfg.output)
-    todo = [
-        u
-        for u in units
-        if len(done.get(u.source, ())) == 0
-        or np.count_nonzero((done[u.source] >= u.start) & (done[u.source] < u.stop)) < u.stop - u.start
-    ]
+    todo = pending_units(units, done)
     log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
     t0 = time.perf_counter()
     if todo:
@@ -142,7 +129,7 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
         read_staged(cfg.output),
         build_sample,
         cfg.shards,
-        cfg.dedup,
+        functools.partial(dedup, cfg=cfg.dedup),
         {
             "config": json.loads(json.dumps(to_dict(resolved), default=str)),
             "warnings": warnings,
@@ -167,10 +154,12 @@ def build(cfg: Config, units: list[Unit], done: dict, pre: tuple, post: tuple):
     dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0))
     dl_cpus = min(0.5, max(0.05, (cpus - 1 - clip_cpus) / dl_workers))
 
-    specs = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
-    ds = ray.data.from_items(specs, override_num_blocks=len(specs))  # -> unit
+    ds = ray.data.from_items(unit_specs(units), override_num_blocks=len(units))  # -> unit
     ds = ds.map_batches(  # -> key, src_file, src_row, url, caption, extra, drop_reason
-        read_units, batch_size=1, num_cpus=0.1, fn_kwargs={"cfg": cfg.input, "done": [ray.put(done)]}
+        read_pending,
+        batch_size=1,
+        num_cpus=0.1,
+        fn_kwargs={"reader": read_unit, "cfg": cfg.input, "done": [ray.put(done)]},
     )
     # a unit can be a whole parquet row group: cut it so every download actor gets work (streaming, no barrier)
     ds = ds.repartition(target_num_rows_per_block=d.batch_size)
