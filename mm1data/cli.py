@@ -25,6 +25,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    return MANIFEST_COMMANDS[args.manifest_command](args)
+
+
+def cmd_manifest_check(args: argparse.Namespace) -> int:
+    import json
+
+    from mm1data.manifest import check_manifest, format_report, load_manifest
+
+    report = check_manifest(load_manifest(args.manifest), args.budget_tokens)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def token_count(value: str) -> int:
+    """An integer token count; 4e11 and 400_000_000_000 are accepted too."""
+    digits = value.replace("_", "")
+    if digits.isdigit():
+        return int(digits)
+    try:
+        number = float(digits)
+    except ValueError:
+        number = -1.0
+    if not (number >= 0 and number.is_integer()):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"not a token count: {value}")
+    return int(number)
+
+
 def print_funnel(index: dict, output: str) -> None:
     f = index["funnel"]
     print(f"rows in      {f['rows_in']:>9,}")
@@ -50,10 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     d = sub.add_parser("demo", help="build a small corpus end to end from a local HTTP server")
     d.add_argument("--out", default="demo_out", help="where the demo writes (default: demo_out)")
+    m = sub.add_parser("manifest", help="mixture manifests (manifests/*.yaml)")
+    msub = m.add_subparsers(dest="manifest_command", required=True)
+    c = msub.add_parser("check", help="resolve every index, verify the shards, print totals and realised shares")
+    c.add_argument("manifest", help="manifest YAML, e.g. manifests/mm1.yaml")
+    c.add_argument("--budget-tokens", type=token_count, metavar="N", help="text tokens to train on: epochs per source")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "demo": cmd_demo}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "demo": cmd_demo, "manifest": cmd_manifest}
+MANIFEST_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"check": cmd_manifest_check}
 
 
 def main(argv: list[str] | None = None) -> int:

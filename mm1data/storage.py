@@ -35,6 +35,11 @@ def s3_client():
     return boto3.client("s3")
 
 
+# A forked process (a DataLoader worker, a multiprocessing pool) must not share the parent's cached client and its
+# pooled connections: the child starts without one and makes its own on first use.
+os.register_at_fork(after_in_child=s3_client.cache_clear)
+
+
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return os.path.exists(uri)

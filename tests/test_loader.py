@@ -1,0 +1,340 @@
+"""MixtureDataset: every kind round trip, shares per unit, rank/worker splits, exact resume, S3, bad shards."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import boto3
+import corpora
+import numpy as np
+import pytest
+import torch.utils.data
+from PIL import Image
+
+from mm1data.loader import MixtureDataset, MixtureLoader
+from mm1data.manifest import load_manifest
+from mm1data.schema import make_key
+from mm1data.shards import read_offsets
+
+WEIGHTS = {"interleaved": 0.45, "caption": 0.45, "text": 0.10}
+
+
+def manifest_over(root: str, weights: dict[str, float] = WEIGHTS, unit: str = "samples", seed: int = 0):
+    srcs = [{"name": k, "index": f"{root}/{k}/index.json" if "://" in root else f"{k}/index.json", "weight": w}
+            for k, w in weights.items()]  # fmt: skip
+    path = os.path.join(root if "://" not in root else "/tmp", f"m-{unit}-{seed}.yaml")
+    return load_manifest(corpora.write_manifest(path, srcs, unit=unit, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    """caption 40 (4 shards), interleaved 30 (3 shards), text 20 (2 shards)."""
+    root = str(tmp_path_factory.mktemp("mix"))
+    corpora.write_mix(root, {"caption": 40, "interleaved": 30, "text": 20}, per_shard=10)
+    return root
+
+
+def ids(items) -> list[tuple[int, str, str]]:
+    return [(it["position"], it["source"], it["key"]) for it in items]
+
+
+def run_ranks(m, world: int, **kw) -> list[list[tuple[int, str, str]]]:
+    return [ids(MixtureDataset(m, rank=r, world_size=world, decode_images=False, **kw)) for r in range(world)]
+
+
+def test_single_source_round_trip_every_kind_in_order(mix):
+    for kind, n in (("caption", 40), ("interleaved", 30), ("text", 20)):
+        m = manifest_over(mix, {kind: 1.0})
+        items = list(MixtureDataset(m, shuffle=False))
+        assert [it["key"] for it in items] == [make_key(kind, i) for i in range(n)]
+        assert [it["position"] for it in items] == list(range(n))
+        for i, it in enumerate(items):
+            members, n_images, _ = corpora.SAMPLES[kind](i)
+            key = make_key(kind, i)
+            assert it["source"] == kind and it["kind"] == kind and it["json"]["i"] == i
+            assert len(it["images"]) == n_images
+            want_images = (
+                [members[f"{key}.jpg"]] if kind == "caption" else [members[f"{key}.{j}.jpg"] for j in range(n_images)]
+            )
+            for img, raw in zip(it["images"], want_images):
+                assert img.mode == "RGB" and np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(raw))))
+            if kind == "interleaved":
+                assert it["text"] == json.loads(members[f"{key}.json"])["segments"]
+                assert [s["image"] for s in it["text"] if "image" in s] == list(range(n_images))
+            else:
+                assert it["text"] == members[f"{key}.txt"].decode()
+
+
+def test_undecoded_images_are_the_member_bytes(mix):
+    m = manifest_over(mix, {"interleaved": 1.0})
+    it = next(iter(MixtureDataset(m, shuffle=False, decode_images=False)))
+    key = make_key("interleaved", 0)
+    assert it["images"] == [corpora.interleaved_sample(0)[0][f"{key}.0.jpg"]]
+
+
+def test_same_seed_same_order_other_seed_or_epoch_another(mix):
+    m = manifest_over(mix)
+    a = ids(MixtureDataset(m, decode_images=False, shuffle_buffer=8))
+    assert a == ids(MixtureDataset(m, decode_images=False, shuffle_buffer=8))
+    assert len(a) == 90 and sorted(p for p, _, _ in a) == list(range(90))
+    assert a != ids(MixtureDataset(m, decode_images=False, shuffle_buffer=8, seed=1))
+    ds = MixtureDataset(m, decode_images=False, shuffle_buffer=8)
+    ds.set_epoch(1)
+    e1 = ids(ds)
+    assert e1 != a and e1 == ids(ds)  # iterating again without set_epoch repeats the epoch (DistributedSampler)
+    ds.set_epoch(0)
+    assert ids(ds) == a
+    # the shard order changes per epoch and per seed, but within a source every sample comes once per pass
+    m1 = manifest_over(mix, {"text": 1.0})
+    for seed in (0, 1):
+        keys = [k for _, _, k in ids(MixtureDataset(m1, seed=seed, decode_images=False))]
+        assert sorted(keys) == sorted(make_key("text", i) for i in range(20))
+
+
+def test_exact_source_order_for_seed_0(mix):
+    """A guard on the stream itself: resuming a run needs the same order from the same code and seed."""
+    m = manifest_over(mix)
+    got = "".join(s[0] for _, s, _ in ids(MixtureDataset(m, decode_images=False))[:40])
+    assert got == GOLDEN_SEED0
+
+
+GOLDEN_SEED0 = "icitcctiiciiccicciciciiicticcttcciiiccci"
+
+
+@pytest.mark.parametrize("unit", ["samples", "tokens", "images"])
+def test_mixture_shares_follow_the_weights_in_their_unit(tmp_path, unit):
+    """20,000 draws: the share of `unit` per source is the weight within 0.005 (stratified blocks of 1,024)."""
+    corpora.write_mix(str(tmp_path), {"caption": 300, "interleaved": 300, "text": 300}, per_shard=50)
+    weights = WEIGHTS if unit != "images" else {"interleaved": 0.3, "caption": 0.7}  # text has no images
+    m = manifest_over(str(tmp_path), weights, unit=unit)
+    got = dict.fromkeys(weights, 0)
+    count = 0
+    for it in MixtureDataset(m, samples_per_epoch=20_000, decode_images=False, shuffle_buffer=100):
+        count += 1
+        if unit == "samples":
+            got[it["source"]] += 1
+        elif unit == "images":
+            got[it["source"]] += len(it["images"])
+        else:
+            text = it["text"]
+            got[it["source"]] += (
+                sum(len(s["text"]) for s in text if "text" in s) if it["kind"] == "interleaved" else len(text)
+            )
+    assert count == 20_000
+    total = sum(got.values())
+    for name, w in weights.items():
+        assert abs(got[name] / total - w) < 0.005, (name, got[name] / total, w)
+    if unit == "tokens":  # text docs are 12.5x longer than captions, so they are drawn far less often per token
+        assert got["text"] / 200 < got["caption"] / 16 / 4
+
+
+def test_block_quotas_are_exact_and_never_negative():
+    """C_s(b) in closed form: counts sum to b*B, never decrease, and stay within one draw of b*B*p_s."""
+    from mm1data.loader import _Mixture
+
+    rng = np.random.default_rng(0)
+    for n_sources in (1, 2, 3, 7, 40):
+        w = rng.random(n_sources) ** 6  # some weights are tiny next to the others
+        p = w / w.sum()
+        mix = _Mixture(p, [np.array([10])] * n_sources, seed=0, shuffle=True, buffer=4)
+        counts = np.array([mix.drawn_before(b) for b in range(0, 3000)])
+        blocks = np.arange(3000)[:, None] * mix.block_size
+        assert (counts.sum(1) == blocks[:, 0]).all() and (np.diff(counts, axis=0) >= 0).all()
+        assert np.abs(counts - blocks * p).max() <= n_sources
+        src, draw = mix.block(0, 5)
+        assert sorted(src) == sorted(np.repeat(np.arange(n_sources), counts[6] - counts[5]))
+        for s in range(n_sources):  # the draws of each source in a block continue where the last block stopped
+            assert list(draw[src == s]) == list(range(counts[5][s], counts[6][s]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_resume_at_many_points_equals_the_uninterrupted_run(mix, world):
+    m = manifest_over(mix)
+    kw = {"samples_per_epoch": 203, "shuffle_buffer": 8}  # > one pass of each source, not a multiple of world
+    full = run_ranks(m, world, **kw)
+    assert len({len(f) for f in full}) == 1 and len(full[0]) == 203 // world
+    assert sorted(p for f in full for p, _, _ in f) == list(range(203 // world * world))
+    for cut in (0, 1, 7, 16, len(full[0]) - 1, len(full[0])):
+        first, states = [], []
+        for r in range(world):
+            ds = MixtureDataset(m, rank=r, world_size=world, decode_images=False, **kw)
+            first.append(ids(itertools.islice(iter(ds), cut)))
+            states.append(json.loads(json.dumps(ds.state_dict())))  # JSON round trip
+        assert all(s == states[0] for s in states) and states[0]["position"] == cut * world
+        for r in range(world):
+            ds = MixtureDataset(m, rank=r, world_size=world, decode_images=False, **kw)
+            ds.load_state_dict(states[r])
+            assert first[r] + ids(ds) == full[r], (world, cut, r)
+
+
+def test_resume_after_world_size_changes_from_2_to_4(mix):
+    m = manifest_over(mix)
+    kw = {"samples_per_epoch": 200, "shuffle_buffer": 8}
+    single = {p: (s, k) for p, s, k in run_ranks(m, 1, **kw)[0]}  # the global stream
+    cut = 13
+    before, state = [], None
+    for r in range(2):
+        ds = MixtureDataset(m, rank=r, world_size=2, decode_images=False, **kw)
+        before += ids(itertools.islice(iter(ds), cut))
+        state = ds.state_dict()
+    after = []
+    for r in range(4):
+        ds = MixtureDataset(m, rank=r, world_size=4, decode_images=False, **kw)
+        ds.load_state_dict(state)
+        assert len(ds) == (200 - 2 * cut) // 4
+        after.append(ids(ds))
+    assert len({len(a) for a in after}) == 1
+    got = before + [x for a in after for x in a]
+    assert sorted(p for p, _, _ in got) == list(range(2 * cut + len(after[0]) * 4))  # no gap, no repeat
+    assert all(single[p] == (s, k) for p, s, k in got)  # every position holds the sample the stream puts there
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than CPUs here
+def test_dataloader_workers_keep_the_rank_order_and_resume_exactly(mix):
+    m = manifest_over(mix)
+    kw = {"samples_per_epoch": 150, "shuffle_buffer": 8, "decode_images": False}
+    ref = ids(MixtureDataset(m, rank=1, world_size=2, **kw))
+    # plain DataLoader, one item at a time: the round-robin over workers gives the rank's order
+    plain = torch.utils.data.DataLoader(
+        MixtureDataset(m, rank=1, world_size=2, **kw), batch_size=None, num_workers=2, collate_fn=lambda x: x
+    )
+    assert ids(plain) == ref
+    # MixtureLoader with batches: the same order, and a state taken mid-epoch resumes at another worker count
+    ds = MixtureDataset(m, rank=1, world_size=2, batch_size=4, **kw)
+    loader = MixtureLoader(ds, batch_size=4, num_workers=2)
+    assert [x for b in loader for x in ids(b)] == ref
+    first = []
+    for b in loader:
+        first += ids(b)
+        if len(first) == 12:
+            break
+    state = loader.state_dict()
+    assert state["position"] == 24
+    ds2 = MixtureDataset(m, rank=1, world_size=2, batch_size=3, **kw)
+    loader2 = MixtureLoader(ds2, batch_size=3, num_workers=3)
+    loader2.load_state_dict(json.loads(json.dumps(state)))
+    assert first + [x for b in loader2 for x in ids(b)] == ref
+    with pytest.raises(ValueError, match="batch_size"):
+        MixtureLoader(ds, batch_size=8)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than CPUs here
+def test_every_rank_yields_the_same_count_with_fewer_shards_than_workers(tmp_path):
+    corpora.write_corpus(str(tmp_path / "text"), "text", 5, per_shard=5)  # one shard
+    m = manifest_over(str(tmp_path), {"text": 1.0})
+    counts = []
+    for r in range(3):
+        ds = MixtureDataset(m, rank=r, world_size=3, samples_per_epoch=23, decode_images=False)
+        loader = MixtureLoader(ds, num_workers=4)  # 4 workers, 1 shard: no worker waits on a shard
+        counts.append(len(list(loader)))
+    assert counts == [7, 7, 7]
+
+
+def test_reads_s3_through_moto(mix, s3_server, tmp_path):
+    boto3.client("s3").create_bucket(Bucket="mixbucket")
+    corpora.write_mix("s3://mixbucket/corpora", {"caption": 40, "interleaved": 30, "text": 20}, per_shard=10)
+    local = manifest_over(mix)
+    remote = manifest_over("s3://mixbucket/corpora")
+    assert remote.sources[0].index == "s3://mixbucket/corpora/interleaved/index.json"
+    kw = {"samples_per_epoch": 120, "shuffle_buffer": 8}
+    got = list(MixtureDataset(remote, **kw))
+    assert ids(got) == ids(MixtureDataset(local, **kw))
+    assert got[0]["shard"].startswith("s3://mixbucket/corpora/")
+    assert all(img.size == (8, 8) for it in got for img in it["images"])
+    # forked DataLoader workers each make their own boto3 client (an inherited one would share its connections)
+    loader = MixtureLoader(MixtureDataset(remote, decode_images=False, batch_size=5, **kw), 5, num_workers=2)
+    assert [x for b in loader for x in ids(b)] == ids(got)
+    ds = MixtureDataset(remote, **kw)  # resume on S3 as well
+    first = ids(itertools.islice(iter(ds), 50))
+    ds2 = MixtureDataset(remote, **kw)
+    ds2.load_state_dict(ds.state_dict())
+    assert first + ids(ds2) == ids(got)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.levelname + " " + record.getMessage())
+
+
+@pytest.fixture
+def loader_log():
+    handler = _Records()
+    logger = logging.getLogger("mm1data.loader")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_truncated_shard_skips_only_its_missing_samples(tmp_path, loader_log):
+    corpora.write_mix(str(tmp_path), {"caption": 40, "interleaved": 30, "text": 20}, per_shard=10)
+    m = manifest_over(str(tmp_path))
+    kw = {"samples_per_epoch": 150, "shuffle_buffer": 8, "decode_images": False}
+    clean = list(MixtureDataset(m, **kw))
+    bad = str(tmp_path / "caption" / "caption-000001.tar")
+    offsets = read_offsets(bad[: -len(".tar")] + ".idx")
+    with open(bad, "r+b") as f:
+        f.truncate(offsets[6] + 100)  # samples 0-5 intact, 6 cut in the middle, 7-9 gone
+    lost = {make_key("caption", 10 + i) for i in range(6, 10)}
+    ds = MixtureDataset(m, **kw)
+    got = list(ds)
+    assert ids(got) == ids(it for it in clean if it["key"] not in lost)  # every other sample, in the same order
+    n_lost = sum(it["key"] in lost for it in clean)
+    assert n_lost > 0 and ds.errors == {bad: n_lost}
+    assert any(msg.startswith("WARNING") and bad in msg and "truncated" in msg for msg in loader_log)
+    assert sum(bad in msg for msg in loader_log) == n_lost  # the rest at DEBUG level, still naming the shard
+
+
+def test_corrupt_header_and_missing_shard_are_skipped_and_named(tmp_path, loader_log):
+    corpora.write_mix(str(tmp_path), {"text": 30}, per_shard=10)
+    m = manifest_over(str(tmp_path), {"text": 1.0})
+    clean = list(MixtureDataset(m, decode_images=False))
+    bad = str(tmp_path / "text" / "text-000000.tar")
+    offsets = read_offsets(bad[: -len(".tar")] + ".idx")
+    with open(bad, "r+b") as f:
+        f.seek(offsets[3] + 10)  # inside the first header of sample 3: its checksum fails
+        f.write(b"garbage")
+    os.unlink(str(tmp_path / "text" / "text-000002.tar"))
+    ds = MixtureDataset(m, decode_images=False)
+    got = list(ds)
+    lost = {make_key("text", 3)} | {make_key("text", i) for i in range(20, 30)}
+    assert ids(got) == ids(it for it in clean if it["key"] not in lost)
+    missing = str(tmp_path / "text" / "text-000002.tar")
+    assert ds.errors == {bad: 1, missing: 10}
+    assert any("checksum" in msg and bad in msg for msg in loader_log)
+    assert any(msg.startswith("WARNING") and missing in msg for msg in loader_log)
+
+
+def test_state_checks_and_length(mix):
+    m = manifest_over(mix)
+    ds = MixtureDataset(m, world_size=4, rank=3, samples_per_epoch=100)
+    assert len(ds) == 25
+    state = ds.state_dict(consumed=5)
+    assert state["position"] == 20 and state["epoch"] == 0
+    other = MixtureDataset(m, seed=7, samples_per_epoch=100)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+    ds.set_epoch(3)
+    ds.load_state_dict({**state, "epoch": 3})
+    ds.set_epoch(3)  # the loaded epoch keeps its position
+    assert ds.position == 20 and len(ds) == 20
+    ds.set_epoch(4)
+    assert ds.position == 0
+    with pytest.raises(ValueError, match="rank"):
+        MixtureDataset(m, rank=2, world_size=2)
+
+
+def test_loader_and_manifest_do_not_import_ray():
+    code = "import sys, mm1data.loader, mm1data.manifest; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
