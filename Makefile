@@ -23,6 +23,8 @@ test: install
 bench: install
 	$(PIP) -e '.[test,bench]'
 	$(PY) bench/download.py
+	$(PY) bench/minhash.py
+	$(PY) bench/loader.py
 
 lint: install
 	$(VENV)/bin/ruff check mm1data tests bench

@@ -167,20 +167,194 @@ def make_caption_corpus(server: ImageServer, n: int, seed: int = 0) -> list[dict
     return rows
 
 
-def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
-    """Build a caption corpus under `out` and print its funnel; returns index.json."""
+# English-like documents for the text corpus: sentences from a small grammar over a few hundred common words,
+# so that distinct documents share almost no word 5-grams, they read as English to lid.176, and pass Gopher's rules.
+NOUNS = (
+    "river city garden window teacher market forest letter mountain village harbor engine kitchen library bridge "
+    "island doctor farmer student painter winter summer morning evening valley meadow station museum theater "
+    "festival council border harvest journey machine storm signal lantern castle desert ocean planet school "
+    "hospital factory orchard railway cottage chapel tower canal shelter museum workshop bakery stadium temple "
+    "garden mirror notebook picture kettle blanket ladder bicycle carriage compass telescope violin piano drum "
+    "record ticket basket bottle candle pillow feather pebble shell acorn branch root leaf flower stone wall roof"
+).split()
+VERBS = (
+    "carried found built opened painted visited followed described watched repaired measured collected counted "
+    "crossed discovered explained filled gathered guarded improved joined kept lifted moved noticed offered "
+    "planted protected reached remembered returned shared studied turned used wanted washed welcomed wrote"
+).split()
+ADJS = (
+    "old quiet bright narrow heavy gentle distant early late small large careful patient famous simple strange "
+    "warm cold green golden silver wooden crowded empty ancient modern busy calm clever honest humble proud rapid "
+    "steady tired useful wide young"
+).split()
+ADVS = "slowly quickly carefully often rarely together again finally early suddenly gently quietly".split()
+FRENCH = (
+    "Le petit village se trouve au bord de la rivière et les habitants aiment se promener le soir. "
+    "La boulangerie ouvre très tôt le matin et le pain frais attire les voisins de toute la région. "
+)
+
+
+TEMPLATES = (
+    "the {a} {n} {v} the {n} of the {a} {n}",
+    "{d} a {a} {n} {v} the {n} near the {n}",
+    "every {n} {v} some {a} {n} before the {n} {v} it",
+    "when the {n} {v} a {n}, the {a} {n} {v} the {n} {d}",
+    "our {n} and their {a} {n} {v} {d} to the {n}",
+    "in the {a} {n} a {n} {v} the {a} {n}",
+    "nobody {v} the {n} because the {n} was {a}",
+    "{d} the {a} {n} {v} another {n} with a {a} {n}",
+)
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    pick = {k: v for k, v in (("n", NOUNS), ("v", VERBS), ("a", ADJS), ("d", ADVS))}
+    parts = [TEMPLATES[int(rng.integers(len(TEMPLATES)))] for _ in range(int(rng.integers(1, 3)))]
+    s = " and ".join(parts)
+    out = []
+    for tok in s.split(" "):  # fill each slot with a random word of its class
+        core = tok.strip(",")
+        out.append(pick[core[1]][int(rng.integers(len(pick[core[1]])))] + tok[len(core) :] if core[:1] == "{" else tok)
+    s = " ".join(out)
+    return s[0].upper() + s[1:] + "."
+
+
+def make_document(rng: np.random.Generator, sentences: int = 12) -> str:
+    """Paragraphs of grammatical English-like sentences (~20 words each)."""
+    paras = []
+    while sentences > 0:
+        k = min(sentences, int(rng.integers(3, 6)))
+        paras.append(" ".join(_sentence(rng) for _ in range(k)))
+        sentences -= k
+    return "\n\n".join(paras)
+
+
+def _near_copy(rng: np.random.Generator, text: str, rate: float) -> str:
+    """`text` with about `rate` of its words replaced (a near duplicate, as syndicated web pages are)."""
+    words = text.split(" ")
+    for i in rng.choice(len(words), max(1, int(rate * len(words))), replace=False):
+        words[i] = NOUNS[int(rng.integers(len(NOUNS)))]
+    return " ".join(words)
+
+
+def make_text_corpus(n: int, seed: int = 0) -> tuple[list[str], dict[int, str]]:
+    """n jsonl lines of {"text", "id"}: mostly good documents, plus planted exact and near duplicates and the bad
+    rows web text has. Returns (lines, {line number: the drop reason it deserves under text_gopher})."""
+    rng = np.random.default_rng(seed)
+    lines, expect, docs = [], {}, []
+
+    def add(obj: Any, reason: str = "", raw: str | None = None) -> None:
+        if reason:
+            expect[len(lines)] = reason
+        lines.append(raw if raw is not None else json.dumps({**obj, "id": f"doc-{len(lines)}"}, ensure_ascii=False))
+
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.08 and docs:  # the same text again, lower-cased and re-spaced
+            add({"text": "  " + docs[int(rng.integers(len(docs)))].lower().replace(". ", ".   ")}, "dup_text")
+        elif kind < 0.16 and docs:  # a near copy: one word in a hundred changed (5-gram Jaccard ~0.9)
+            add({"text": _near_copy(rng, docs[int(rng.integers(len(docs)))], 0.01)}, "dup_near")
+        elif kind < 0.19:
+            add({"text": "Too short to be a document."}, "gopher_words")
+        elif kind < 0.21:
+            add({"text": FRENCH * 6}, "lang")
+        elif kind < 0.23:
+            add({"text": "\n".join("- " + _sentence(rng) for _ in range(10))}, "gopher_bullet_lines")
+        else:
+            docs.append(make_document(rng, int(rng.integers(6, 30))))
+            add({"text": docs[-1]})
+    add({"text": "   \n\t "}, "empty_text")
+    add({"text": None}, "empty_text")
+    add({"text": "".join(chr(int(c)) for c in rng.integers(0, 32, 400))}, "binary_text")
+    add({}, "text_utf8", raw='{"text": "a lone surrogate \\ud800 is not UTF-8"}')
+    add({}, "malformed_row", raw='{"text": "a line cut in the mid')
+    return lines, expect
+
+
+def run_demo(out: str = "demo_out", n: int = 300, n_text: int = 300) -> dict[str, Any]:
+    """Build a caption corpus and a text corpus under `out`, print their funnels; returns {corpus: index.json}."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1, like the server
+    os.makedirs(out, exist_ok=True)
+    indexes = {"caption": build_caption_corpus(out, n), "text": build_text_corpus(out, n_text)}
+    stream_mixture(write_demo_manifest(out, indexes))
+    return indexes
+
+
+def write_demo_manifest(out: str, indexes: dict[str, dict[str, Any]]) -> str:
+    """manifest.yaml beside the corpora: MM1's weights for the kinds built (interleaved has no pipeline yet)."""
+    import yaml
+
+    weights = {"interleaved": 0.45, "caption": 0.45, "text": 0.10}  # MM1 (REFERENCE.md); relative weights
+    doc = {
+        "name": "demo",
+        "seed": 0,
+        "unit": "samples",
+        "sources": [{"name": k, "index": f"{k}/index.json", "weight": weights[k]} for k in indexes],
+        "sequence": {"max_tokens": 4096, "max_images": 16, "image_tokens": 144, "image_size": 378},
+    }
+    path = os.path.join(out, "manifest.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def stream_mixture(manifest_path: str, batches: int = 3, batch_size: int = 4) -> dict[str, Any]:
+    """`mm1data manifest check` on the demo manifest, then a few packed MM1 batches from the streaming loader."""
+    from collections import Counter
+
+    from mm1data.loader import MixtureDataset
+    from mm1data.manifest import check_manifest, format_report, load_manifest
+    from mm1data.packing import SequencePacker, collate, efficiency
+
+    manifest = load_manifest(manifest_path)
+    print(f"\n$ mm1data manifest check {manifest_path} --budget-tokens 1000000")
+    report = check_manifest(manifest, 1_000_000)
+    print(format_report(report))
+    want = ", ".join(
+        f"{r['name']} {r['share_samples']:.0%}" for r in sorted(report["sources"], key=lambda r: r["name"])
+    )
+    ds = MixtureDataset(manifest, seed=0)
+    drawn: Counter[str] = Counter()
+
+    def counted():
+        for item in ds:
+            drawn[item["source"]] += 1
+            yield item
+
+    seqs = SequencePacker(manifest.sequence).pack(counted())
+    print(
+        f"\nstreaming {batches} packed batches of {batch_size} sequences (MixtureDataset -> SequencePacker -> collate)"
+    )
+    shapes, taken = {}, []
+    for b in range(batches):
+        group = [s for _, s in zip(range(batch_size), seqs)]
+        if not group:
+            break
+        taken += group
+        batch = collate(group, manifest.sequence)
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        print(
+            f"  batch {b}: "
+            + ", ".join(f"{k} {list(v)}" for k, v in shapes.items() if k in ("input_ids", "images", "loss_mask"))
+            + f"; images in batch {int(batch['num_images'].sum())}"
+        )
+    total = sum(drawn.values())
+    mix = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(drawn.items()))
+    print(f"  realised mix over {total} samples drawn: {mix} (manifest: {want})")
+    print(f"  packing efficiency (non-padding share of tokens): {efficiency(taken):.3f}")
+    return {"drawn": dict(drawn), "shapes": shapes, "efficiency": efficiency(taken)}
+
+
+def build_caption_corpus(out: str, n: int) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mm1data.cli import print_funnel
     from mm1data.pipelines import run_pipeline
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1, like the server
     corpus = os.path.join(out, "caption")
     if os.path.exists(corpus):  # the server's port changes per run, so an earlier demo's rows are stale
         shutil.rmtree(corpus)
-    os.makedirs(out, exist_ok=True)
     with ImageServer() as server:
         rows = make_caption_corpus(server, n)
         inp = os.path.join(out, "input", "captions.parquet")
@@ -199,6 +373,26 @@ def run_demo(out: str = "demo_out", n: int = 300) -> dict[str, Any]:
     print_funnel(index, corpus)
     for s in index["shards"]:
         print(f"  {os.path.join(corpus, s['path'])}  {s['num_samples']} samples")
+    return index
+
+
+def build_text_corpus(out: str, n: int) -> dict[str, Any]:
+    from mm1data.cli import print_funnel
+    from mm1data.pipelines import run_pipeline
+
+    corpus = os.path.join(out, "text")
+    if os.path.exists(corpus):
+        shutil.rmtree(corpus)
+    lines, _ = make_text_corpus(n)
+    inp = os.path.join(out, "input", "docs.jsonl")
+    os.makedirs(os.path.dirname(inp), exist_ok=True)
+    with open(inp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"demo: {len(lines)} text documents (with planted exact and near duplicates) from {inp}")
+    # Gopher quality and repetition rules + English (filters/text_gopher.yaml), exact and MinHash dedup
+    overrides = ["input.id_col=id", "shards.samples_per_shard=100", "filters=text_gopher"]
+    index = run_pipeline(None, inp, corpus, ["pipeline=text", *overrides])
+    print_funnel(index, corpus)
     return index
 
 

@@ -42,3 +42,22 @@ class CaptionSample:
     def from_members(cls, key: str, members: dict[str, bytes]) -> CaptionSample:
         ext = next(e for e in IMAGE_EXTS if e in members)
         return cls(key, members["txt"].decode("utf-8"), members[ext], ext, json.loads(members["json"]))
+
+
+@dataclass(slots=True)
+class TextDoc:
+    """One text-only document; to_members() gives {key}.txt and {key}.json."""
+
+    key: str  # 16 hex chars, no dots
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)  # id, url, scores, source, row, tokens, ...
+
+    def to_members(self) -> dict[str, bytes]:
+        return {
+            f"{self.key}.json": json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode(),
+            f"{self.key}.txt": self.text.encode("utf-8"),
+        }
+
+    @classmethod
+    def from_members(cls, key: str, members: dict[str, bytes]) -> TextDoc:
+        return cls(key, members["txt"].decode("utf-8"), json.loads(members["json"]))

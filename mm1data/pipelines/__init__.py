@@ -10,7 +10,8 @@ from typing import Any
 
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
 
-PIPELINES = {"caption": "mm1data.pipelines.caption"}  # kind -> module with Config and run(cfg, search_dirs)
+# kind -> module with Config and run(cfg, search_dirs)
+PIPELINES = {"caption": "mm1data.pipelines.caption", "text": "mm1data.pipelines.text"}
 
 
 def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> tuple[Any, Any]:

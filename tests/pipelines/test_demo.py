@@ -1,4 +1,4 @@
-"""`mm1data demo` builds a caption corpus and prints its funnel."""
+"""`mm1data demo` builds a caption and a text corpus, checks their manifest and streams packed batches."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ from mm1data.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
-    index = run_demo(str(tmp_path / "demo"), n=60)
+    indexes = run_demo(str(tmp_path / "demo"), n=60, n_text=60)
+    index = indexes["caption"]
     out = capsys.readouterr().out
     assert "kept" in out and "caption-000000.tar" in out
     paths = [os.path.join(tmp_path, "demo", "caption", s["path"]) for s in index["shards"]]
     n = sum(1 for _ in wds.WebDataset(paths, shardshuffle=False))
     assert n == index["totals"]["samples"] > 30
     assert index["funnel"]["dropped"].get("lang", 0) > 0 and index["funnel"]["dropped"].get("http_404", 0) > 0
+    text = indexes["text"]
+    assert text["kind"] == "text" and text["totals"]["samples"] > 30
+    assert {"dup_text", "dup_near"} <= set(text["funnel"]["dropped"])
+    assert "manifest check" in out and "all present with their listed sizes" in out
+    assert "input_ids [4, 4096]" in out and "images [4, 16, 3, 378, 378]" in out and "realised mix" in out
