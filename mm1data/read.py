@@ -421,7 +421,10 @@ def read_text_unit(unit: Unit, cfg: TextInputConfig) -> Batch:
         reason = rec.get("_reason", "")
         if raw is not None and not isinstance(raw, (str, bytes)):
             raw, reason = None, reason or "not_text"  # a number, list or object where the text should be
-        size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw or b"")
+        if isinstance(raw, str):  # (no encoded copy of a long ASCII document just to measure it)
+            size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+        else:
+            size = len(raw or b"")
         text, ok = ("", True) if reason or size > cfg.max_bytes else _text(raw)
         if reason:
             pass

@@ -83,6 +83,23 @@ def test_a_large_document_reads_with_bounded_copies(tmp_path):
     assert out["drop_reason"] == ["too_large"] and out["text"] == [""]
 
 
+def test_a_50_mb_document_is_dropped_with_memory_a_small_multiple_of_it(tmp_path):
+    import tracemalloc
+
+    (tmp_path / "huge.jsonl").write_text(
+        json.dumps({"text": "word " * 10_000_000}) + "\n" + json.dumps({"text": GOOD})
+    )
+    tracemalloc.start()
+    try:
+        out = read_all(tmp_path / "huge.jsonl")  # default input.max_bytes: 10 MB
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out["drop_reason"] == ["too_large", ""] and out["text_bytes"] == [50_000_000, len(GOOD)]
+    assert out["text"] == ["", GOOD]  # the huge text is not carried on to staging
+    assert peak < 5 * 50_000_000  # the read range, its decoded text, the line and the parsed string
+
+
 def write_warc(path, gz: bool = True) -> None:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
