@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
+
+log = logging.getLogger(__name__)
 
 # kind -> module with Config and run(cfg, search_dirs)
 PIPELINES = {"caption": "mm1data.pipelines.caption", "text": "mm1data.pipelines.text"}
@@ -41,6 +46,25 @@ def init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, include_dashboard=False)
+
+
+def stage_units(
+    output: str, units: list, fingerprint: dict[str, Any], address: str | None, build: Callable[[list, dict], Any]
+) -> None:
+    """The per-row half of every pipeline: refuse a mismatched earlier run, start Ray, then run `build(todo, done)`
+    (a Dataset ending in the staging writer) over the units with rows not yet staged; a rerun after a crash
+    processes only those."""
+    from mm1data.staging import check_run, pending_units, staged_rows
+
+    check_run(output, fingerprint)
+    init_ray(address)
+    done = staged_rows(output)
+    todo = pending_units(units, done)
+    log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
+    if todo:
+        t0 = time.perf_counter()
+        staged = sum(int(b["rows"].sum()) for b in build(todo, done).iter_batches(batch_size=None))
+        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
 
 
 def run_pipeline(

@@ -25,12 +25,9 @@ from mm1data.schema import CaptionSample, count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
 from mm1data.split import ShardConfig, finalize
 from mm1data.staging import (
-    check_run,
-    pending_units,
     read_pending,
     read_staged,
     rows_dir,
-    staged_rows,
     unit_specs,
     write_staging,
 )
@@ -98,7 +95,7 @@ def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]
 
 def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
     """Run (or finish, after a crash) the caption job; returns the index.json it wrote."""
-    from mm1data.pipelines import init_ray
+    from mm1data.pipelines import stage_units
 
     chain = parse_chain(cfg.filters, search_dirs)
     pre = tuple(c for c in chain if not get_filter(c.name).needs)
@@ -106,16 +103,13 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     if post and not cfg.clip.enabled:
         raise ConfigError("filter clip_score needs clip.enabled: true")
     units = plan_units(cfg.input)
-    check_run(cfg.output, _fingerprint(cfg, chain, units))
-    init_ray(address)
-
-    done = staged_rows(cfg.output)
-    todo = pending_units(units, done)
-    log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
-    t0 = time.perf_counter()
-    if todo:
-        staged = sum(int(b["rows"].sum()) for b in build(cfg, todo, done, pre, post).iter_batches(batch_size=None))
-        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
+    stage_units(
+        cfg.output,
+        units,
+        _fingerprint(cfg, chain, units),
+        address,
+        lambda todo, done: build(cfg, todo, done, pre, post),
+    )
 
     t0 = time.perf_counter()
     warnings = []

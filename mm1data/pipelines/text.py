@@ -24,12 +24,9 @@ from mm1data.schema import TextDoc, count_tokens
 from mm1data.split import ShardConfig, finalize
 from mm1data.stage import Batch
 from mm1data.staging import (
-    check_run,
-    pending_units,
     read_pending,
     read_staged,
     rows_dir,
-    staged_rows,
     unit_specs,
     write_staging,
 )
@@ -120,23 +117,16 @@ def _fingerprint(cfg: Config, chain: tuple[FilterConfig, ...], units: list[Unit]
 
 def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
     """Run (or finish, after a crash) the text job; returns the index.json it wrote."""
-    from mm1data.pipelines import init_ray
+    from mm1data.pipelines import stage_units
 
     chain = parse_chain(cfg.filters, search_dirs)
     needs = sorted({n for c in chain for n in get_filter(c.name).needs})
     if needs:
         raise ConfigError(f"the text pipeline has no scorer for {', '.join(needs)} (filters need it)")
     units = plan_units(cfg.input)
-    check_run(cfg.output, _fingerprint(cfg, chain, units))
-    init_ray(address)
-
-    done = staged_rows(cfg.output)
-    todo = pending_units(units, done)
-    log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
-    t0 = time.perf_counter()
-    if todo:
-        staged = sum(int(b["rows"].sum()) for b in build(cfg, todo, done, chain).iter_batches(batch_size=None))
-        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
+    stage_units(
+        cfg.output, units, _fingerprint(cfg, chain, units), address, lambda todo, done: build(cfg, todo, done, chain)
+    )
 
     t0 = time.perf_counter()
     resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))
