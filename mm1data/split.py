@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mm1data import storage
+from mm1data import __version__, storage
+from mm1data.config import to_dict
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import staged_files
@@ -78,12 +79,14 @@ def finalize(
     build: SampleBuilder,
     shard_cfg: ShardConfig,
     dedup: DedupStep,
-    extra_index: dict[str, Any],
+    config: Any,
+    warnings: list[str],
     size_col: str = "image_bytes",
 ) -> dict[str, Any]:
     """Dedup, shard, meta, index.json (last). `table` is read_staged(): every row, without heavy columns.
 
-    `size_col` holds each row's payload bytes, for cutting shards by size."""
+    `config` (the resolved run config) and `warnings` go into index.json; `size_col` holds each row's payload
+    bytes, for cutting shards by size."""
     import ray
 
     parts = staged_files(output)
@@ -160,7 +163,16 @@ def finalize(
     funnel["dropped"] = dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
     funnel["kept"] = int(len(kept))
     tokens = sum(records[s.path]["tokens"] for s in shards)
-    index = build_index(kind, corpus, shards, tokens, funnel=funnel, **extra_index)
+    index = build_index(
+        kind,
+        corpus,
+        shards,
+        tokens,
+        funnel=funnel,
+        config=json.loads(json.dumps(to_dict(config), default=str)),  # the resolved run config, as plain JSON
+        warnings=warnings,
+        mm1data_version=__version__,
+    )
     write_index(output, index)  # last: the run is complete when this exists
     return index
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mm1data import __version__
 from mm1data.config import ConfigError, to_dict
 from mm1data.dedup import mark_duplicates
 from mm1data.download import DownloadConfig, ImageDownloader
@@ -115,7 +114,6 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     warnings = []
     if cfg.clip.enabled and cfg.clip.pretrained is None:
         warnings.append(f"clip.pretrained is null: {cfg.clip.model} ran with random weights; clip_score is noise")
-    resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))
     index = finalize(
         cfg.output,
         KIND,
@@ -124,11 +122,8 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
         build_sample,
         cfg.shards,
         functools.partial(dedup, cfg=cfg.dedup),
-        {
-            "config": json.loads(json.dumps(to_dict(resolved), default=str)),
-            "warnings": warnings,
-            "mm1data_version": __version__,
-        },
+        dataclasses.replace(cfg, filters=tuple(to_dict(chain))),  # resolved: the chain inline
+        warnings,
     )
     log.info("dedup, %d shards, meta and index.json in %.1fs", len(index["shards"]), time.perf_counter() - t0)
     return index

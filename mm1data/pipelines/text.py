@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mm1data import __version__
 from mm1data.config import ConfigError, to_dict
 from mm1data.dedup import MinHashConfig, mark_duplicates, minhash_bands, near_duplicates, text_fingerprints
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
@@ -129,7 +128,6 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
     )
 
     t0 = time.perf_counter()
-    resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))
     index = finalize(
         cfg.output,
         KIND,
@@ -138,11 +136,8 @@ def run(cfg: Config, search_dirs: tuple[str, ...] = (), address: str | None = No
         build_sample,
         cfg.shards,
         functools.partial(dedup, cfg=cfg.dedup),
-        {
-            "config": json.loads(json.dumps(to_dict(resolved), default=str)),
-            "warnings": [],
-            "mm1data_version": __version__,
-        },
+        dataclasses.replace(cfg, filters=tuple(to_dict(chain))),  # resolved: the chain inline
+        [],
         size_col="text_bytes",
     )
     log.info("dedup, %d shards, meta and index.json in %.1fs", len(index["shards"]), time.perf_counter() - t0)
