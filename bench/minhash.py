@@ -249,7 +249,7 @@ def quality(corpus: Corpus, n: int) -> np.ndarray:
     t0 = time.perf_counter()
     bands = minhash_bands(docs, CFG)
     t_bands = time.perf_counter() - t0
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     table = pa.table(
         {
@@ -258,12 +258,14 @@ def quality(corpus: Corpus, n: int) -> np.ndarray:
         }
     )
     t0 = time.perf_counter()
-    ids, cluster = dedup.near_duplicates(ray.data.from_arrow(table), CFG)
+    roots = dedup.near_duplicates(ray.data.from_arrow(table), CFG).to_pandas().sort_values("id")
+    ids, cluster = roots["id"].to_numpy(), roots["root"].to_numpy()
     t_lsh = time.perf_counter() - t0
     ray.shutdown()
     print(f"  bands {t_bands:.1f}s, near_duplicates on Ray (2 CPUs, incl. start-up of the shuffle) {t_lsh:.1f}s")
 
-    label = dedup.cluster_ids(np.arange(len(docs)), ids, cluster)
+    label = np.full(len(docs), -1, dtype=np.int64)
+    label[ids] = cluster
     pairs = []  # predicted pairs: all pairs within each cluster
     for c in np.unique(cluster):
         members = ids[cluster == c]

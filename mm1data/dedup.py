@@ -6,14 +6,15 @@ import functools
 import math
 import sys
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import xxhash
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
 U32_MAX = np.uint32(0xFFFFFFFF)  # the minhash of an empty shingle set (as datasketch initialises its hash values)
@@ -42,20 +43,6 @@ class MinHashConfig:
     @property
     def num_perm(self) -> int:
         return self.bands * self.rows
-
-
-def mark_duplicates(values: np.ndarray, drop_reason: np.ndarray, reason: str) -> np.ndarray:
-    """Rows (already in input order) whose value repeats an earlier kept row's get drop_reason = reason.
-
-    Only kept rows take part: a copy dropped by a filter never knocks out a kept one. Empty values are ignored.
-    """
-    kept = np.flatnonzero((drop_reason == "") & (values != ""))
-    _, first = np.unique(values[kept], return_index=True)  # index of the first occurrence among kept rows
-    dup = np.ones(len(kept), dtype=bool)
-    dup[first] = False
-    out = drop_reason.copy()
-    out[kept[dup]] = reason
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +130,7 @@ def text_fingerprints(texts: Sequence[str]) -> np.ndarray:
     """Exact-duplicate key per text: 32 hex of xxh3-128 over the UTF-8 of normalize_text; "" where that is empty.
 
     128 bits so that a billion-document corpus has no accidental collision (64 bits would give ~3% odds of one).
-    Exact dedup is then `mark_duplicates(text_fingerprints(texts), drop_reason, "dup_text")`.
+    Exact dedup is then an ExactDedup step over a column of these.
     """
     out = np.full(len(texts), "", dtype="<U32")
     for lo in range(0, len(texts), 4096):  # batches bound the code point arrays
@@ -307,9 +294,8 @@ def minhash_bands(texts: Sequence[str], cfg: MinHashConfig) -> np.ndarray:
 # LSH on Ray. Each (band, hash, id) row goes to a group chosen by its hash, so every bucket lies whole in one group;
 # a group is sorted and cut into buckets with numpy (one call per group, not per bucket: Ray's map_groups calls the
 # function once per key, and there are bands x rows keys, nearly all singletons). Each bucket member links to the
-# bucket's smallest id. Only those edges reach the driver, where scipy joins them into connected components (C,
-# O(edges)); this holds until the edge list outgrows the driver (~100M edges, 2 GB), past which a distributed
-# connected-components pass (large-star/small-star) would replace it.
+# bucket's smallest id. The edges stay on Ray: connected_components joins them there (or, for a graph of at most
+# LOCAL_CC_EDGES edges, on the driver with scipy: a constant bound, not one that grows with the corpus).
 
 
 class _BandRows:
@@ -347,10 +333,27 @@ def _bucket_edges(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"src": pairs[:, 0].copy(), "dst": pairs[:, 1].copy()}
 
 
+def lsh_edges(ds: ray.data.Dataset, cfg: MinHashConfig, id_col: str = "pos", bands_col: str = "mh_bands"):
+    """Dataset of (int64 id, uint64 bands) rows (ids order rows as the input does) -> Dataset of edges (src, dst):
+    src and dst share a band bucket, dst is the bucket's smallest id. Ids can be documents or paragraphs.
+    `ds` is counted first to size the groups: cheap when it is materialised or read from parquet."""
+    parts = max(1, math.ceil(ds.count() * cfg.bands / _BAND_ROWS_PER_GROUP))
+    keyed = ds.map_batches(_BandRows(id_col, bands_col, cfg.bands, parts), batch_format="numpy", batch_size=4096)
+    return keyed.groupby("part", num_partitions=parts).map_groups(_bucket_edges, batch_format="numpy")
+
+
+def near_duplicates(
+    ds: ray.data.Dataset, cfg: MinHashConfig, id_col: str = "pos", bands_col: str = "mh_bands"
+) -> ray.data.Dataset:
+    """Near-duplicate clusters over a whole Dataset of (id, bands) rows -> Dataset of (id, root): every id in a
+    cluster of two or more, and the smallest id of its cluster (the first text in input order: the one kept)."""
+    return connected_components(lsh_edges(ds, cfg, id_col, bands_col))
+
+
 def join_clusters(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges -> (ids, cluster): every id on an edge, ascending, and the smallest id of its connected component."""
     from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse.csgraph import connected_components as components
 
     src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
     if not len(src):
@@ -358,50 +361,192 @@ def join_clusters(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndar
     ids, node = np.unique(np.concatenate([src, dst]), return_inverse=True)
     m = len(src)
     graph = coo_matrix((np.ones(m, dtype=np.int8), (node[:m], node[m:])), shape=(len(ids), len(ids)))
-    _, label = connected_components(graph, directed=False)
+    _, label = components(graph, directed=False)
     # ids ascend, so the first node of each component is its smallest id
     _, first = np.unique(label, return_index=True)
     return ids, ids[first][label]
 
 
-def near_duplicates(
-    ds: ray.data.Dataset, cfg: MinHashConfig, id_col: str = "pos", bands_col: str = "mh_bands"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Near-duplicate clusters over a whole Dataset of (int64 id, uint64 bands) rows (ids: input order, kept rows).
+# ---------------------------------------------------------------------------------------------------------------
+# Connected components on Ray: the alternating large-star / small-star rounds of Kiveris et al. ("Connected
+# Components in MapReduce and Beyond", SoCC 2014). Edges are kept as (a, b), a > b. A round groups the edges by node
+# (one hash shuffle each) and relinks them to the smallest id around that node:
+#   large-star: every neighbour v > u of u links to m(u) = min(u, its neighbours)
+#   small-star: every neighbour v < u of u, and u itself, link to m = min(u, its smaller neighbours)
+# until no node has both a smaller and a larger neighbour: then the graph is a forest of stars, each centred on its
+# component's smallest id. O(log n) rounds; a worker holds one group of edges (CC_ROWS_PER_GROUP), the driver none.
 
-    Returns (ids, cluster): the ids in clusters of two or more, ascending, and each one's cluster id, the smallest id
-    of its cluster (so the first text in input order is the one kept). Ids in no cluster are absent; cluster_ids
-    maps them to -1. Ids can be documents or paragraphs: any int64 that orders rows as the input does.
-    `ds` is counted first to size the groups: cheap when it is materialised or read from parquet.
-    """
-    rows = ds.count() * cfg.bands
-    if rows == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    parts = math.ceil(rows / _BAND_ROWS_PER_GROUP)
-    keyed = ds.map_batches(_BandRows(id_col, bands_col, cfg.bands, parts), batch_format="numpy", batch_size=4096)
-    edges = keyed.groupby("part", num_partitions=parts).map_groups(_bucket_edges, batch_format="numpy")
-    src, dst = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for batch in edges.iter_batches(batch_size=None, batch_format="numpy"):
-        src.append(batch["src"])
-        dst.append(batch["dst"])
-    return join_clusters(np.concatenate(src), np.concatenate(dst))
+LOCAL_CC_EDGES = 4_000_000  # up to this many edges (64 MB) are joined on the driver with scipy instead
+CC_ROWS_PER_GROUP = 4_000_000  # directed edges per group of a round on one worker (~100 MB with the sort)
+_MAX_ROUNDS = 100
 
 
-def cluster_ids(pos: np.ndarray, ids: np.ndarray, cluster: np.ndarray) -> np.ndarray:
-    """int64 cluster id for each of `pos` (from near_duplicates' (ids, cluster)); -1 for rows in no cluster."""
-    pos = np.asarray(pos, dtype=np.int64)
-    out = np.full(len(pos), -1, dtype=np.int64)
-    if len(ids):
-        at = np.minimum(np.searchsorted(ids, pos), len(ids) - 1)
-        hit = ids[at] == pos
-        out[hit] = cluster[at[hit]]
-    return out
+def _part(node: np.ndarray, parts: int) -> np.ndarray:
+    return (_mix64(node.astype(np.uint64)) % np.uint64(parts)).astype(np.int64)
 
 
-def mark_near_duplicates(
-    pos: np.ndarray, cluster: np.ndarray, drop_reason: np.ndarray, reason: str = "dup_near"
-) -> np.ndarray:
-    """drop_reason = reason on still-kept rows of a cluster other than its smallest id (cluster -1: no cluster)."""
-    out = drop_reason.copy()
-    out[(cluster >= 0) & (cluster != pos) & (drop_reason == "")] = reason
-    return out
+class _Directed:
+    """Undirected edges (a, b) -> directed (u, v) rows keyed by u: both ways (large-star) or a -> b (small-star)."""
+
+    def __init__(self, both: bool, parts: int) -> None:
+        self.both, self.parts = both, parts
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        a, b = batch["a"].astype(np.int64), batch["b"].astype(np.int64)
+        u, v = (np.r_[a, b], np.r_[b, a]) if self.both else (a, b)
+        return {"part": _part(u, self.parts), "u": u, "v": v}
+
+
+def _star(group: dict[str, np.ndarray], large: bool) -> dict[str, np.ndarray]:
+    """One star step over all the nodes of a group -> new undirected edges (a > b) and `c`: 1 where a large-star
+    step relinked an edge past u (u had both smaller and larger neighbours: not converged)."""
+    u, v = group["u"], group["v"]
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    first = np.r_[True, u[1:] != u[:-1]]
+    starts = np.flatnonzero(first)
+    m = np.minimum(np.minimum.reduceat(v, starts), u[starts])  # v ascend per node: the first one is its minimum
+    mu = m[np.cumsum(first) - 1]
+    if large:
+        sel = v > u
+        a, b, c = v[sel], mu[sel], mu[sel] < u[sel]
+    else:  # v < u: the smaller neighbours; u itself links to m too
+        sel = v != mu
+        a, b = np.r_[v[sel], u[starts]], np.r_[mu[sel], m]
+        keep = a != b
+        a, b, c = a[keep], b[keep], np.zeros(0, dtype=bool)
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.zeros((0, 2), np.int64)
+    changed = np.zeros(len(pairs), dtype=np.int8)
+    changed[:1] = c.any()  # one flag per group is enough: the driver only asks whether any node moved
+    return {"a": pairs[:, 0].copy(), "b": pairs[:, 1].copy(), "c": changed}
+
+
+def _round(edges: ray.data.Dataset, n: int, large: bool) -> ray.data.Dataset:
+    parts = max(1, math.ceil(2 * n / CC_ROWS_PER_GROUP))
+    directed = edges.map_batches(_Directed(large, parts), batch_format="numpy", batch_size=65536)
+    fn = functools.partial(_star, large=large)
+    return directed.groupby("part", num_partitions=parts).map_groups(fn, batch_format="numpy").materialize()
+
+
+def _roots(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Star edges (leaf a, centre b) of a group of centres -> (id, root) for each leaf and, once, each centre."""
+    centres = np.unique(group["b"])
+    return {"id": np.r_[group["a"], centres], "root": np.r_[group["b"], centres]}
+
+
+def connected_components(edges: ray.data.Dataset) -> ray.data.Dataset:
+    """Edges (src, dst) -> Dataset of (id, root): every id on an edge and the smallest id of its component."""
+    import ray
+
+    undirected = edges.map_batches(
+        lambda e: {"a": np.maximum(e["src"], e["dst"]), "b": np.minimum(e["src"], e["dst"])}, batch_format="numpy"
+    ).materialize()
+    n = undirected.count()
+    if n <= LOCAL_CC_EDGES:
+        batches = list(undirected.iter_batches(batch_size=None, batch_format="numpy"))
+        a = np.concatenate([b["a"] for b in batches]) if batches else np.zeros(0, np.int64)
+        b = np.concatenate([b["b"] for b in batches]) if batches else np.zeros(0, np.int64)
+        import pyarrow as pa
+
+        ids, root = join_clusters(a, b)
+        return ray.data.from_arrow(pa.table({"id": ids, "root": root}))
+    e = undirected
+    for _ in range(_MAX_ROUNDS):
+        large = _round(e, n, large=True)
+        if not large.sum("c"):  # a forest of stars centred on each component's minimum
+            e = large
+            break
+        e = _round(large, n, large=False)
+        n = e.count()
+    else:
+        raise RuntimeError(f"connected components did not converge in {_MAX_ROUNDS} rounds")
+    parts = max(1, math.ceil(n / CC_ROWS_PER_GROUP))
+    keyed = e.map_batches(lambda s: {**s, "part": _part(s["b"], parts)}, batch_format="numpy")
+    return keyed.groupby("part", num_partitions=parts).map_groups(_roots, batch_format="numpy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dedup steps of a corpus kind. The runner reads the kept rows of every unit into one candidate Dataset (pos: the
+# row's int64 position in input order, plus each step's columns under its own prefix), then runs the steps in order,
+# each on the rows the earlier ones kept, and turns their marks (pos, reason, added columns) into drop reasons.
+
+ROWS_PER_GROUP = 2_000_000  # candidate rows a dedup group holds on one worker (~100 MB with the sort)
+
+
+def key128(values: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(hi, lo) uint64 halves of xxh3-128 of each value's UTF-8; (0, 0), never a real hash, for an empty value.
+
+    128 bits because the shuffle compares hashes, not values: no two of 10**12 values collide by chance."""
+    hi = np.zeros(len(values), dtype=np.uint64)
+    lo = np.zeros(len(values), dtype=np.uint64)
+    for i, v in enumerate(values):
+        if v:
+            h = xxhash.xxh3_128_intdigest(v.encode("utf-8", "surrogatepass")) or 1
+            hi[i], lo[i] = h >> 64, h & 0xFFFFFFFFFFFFFFFF
+    return hi, lo
+
+
+def _first_copies(group: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Marks `_dup` on every row of the group whose key equals an earlier (smaller pos) row's key."""
+    hi, lo, pos = group[f"{prefix}hi"], group[f"{prefix}lo"], group["pos"]
+    has = np.flatnonzero((hi != 0) | (lo != 0))
+    order = has[np.lexsort((pos[has], lo[has], hi[has]))]
+    dup = np.zeros(len(pos), dtype=bool)
+    dup[order[1:]] = (hi[order[1:]] == hi[order[:-1]]) & (lo[order[1:]] == lo[order[:-1]])
+    return {**group, "_dup": dup}
+
+
+@dataclass(frozen=True)
+class ExactDedup:
+    """Rows whose `column` repeats an earlier kept row's value get drop_reason `reason`; the first copy in input
+    order is kept and empty values never match. A hash shuffle on Ray by the value's 128-bit hash."""
+
+    column: str
+    reason: str
+    added: ClassVar[dict[str, str]] = {}  # score-store columns the step adds, with their default
+
+    def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
+        hi, lo = key128(t[self.column].to_pylist())
+        return {f"{prefix}hi": hi, f"{prefix}lo": lo}
+
+    def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
+        """-> (the candidates still kept, marks (pos, reason))."""
+        parts = max(1, math.ceil(n / ROWS_PER_GROUP))
+        keyed = ds.map_batches(lambda b: {**b, "_g": (b[f"{prefix}hi"] % np.uint64(parts)).astype(np.int64)})
+        fn = functools.partial(_first_copies, prefix=prefix)
+        out = keyed.groupby("_g", num_partitions=parts).map_groups(fn, batch_format="numpy").materialize()
+        reason = self.reason
+        marks = out.map_batches(
+            lambda b: {"pos": b["pos"][b["_dup"]], "reason": np.full(int(b["_dup"].sum()), reason, dtype=object)}
+        )
+        kept = out.map_batches(lambda b: {k: v[~b["_dup"]] for k, v in b.items() if k not in ("_dup", "_g")})
+        return kept, marks
+
+
+@dataclass(frozen=True)
+class NearDedup:
+    """MinHash-LSH near duplicates over the staged band hashes in `column`: in each cluster the first row in input
+    order is kept and the others get drop_reason `reason`; every member records its cluster's kept key. It must be a
+    kind's last dedup step (it does not pass on the rows it keeps)."""
+
+    column: str
+    minhash: MinHashConfig
+    reason: str = "dup_near"
+    added: ClassVar[dict[str, str]] = {"dup_cluster": ""}  # the key of the kept row of the row's cluster
+
+    def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
+        if not t.num_rows:
+            return {f"{prefix}bands": np.zeros((0, self.minhash.bands), dtype=np.uint64)}
+        col = t[self.column].combine_chunks()
+        bands = col.flatten().to_numpy(zero_copy_only=False).astype(np.uint64).reshape(len(col), -1)
+        return {f"{prefix}bands": bands}
+
+    def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
+        roots = near_duplicates(ds.select_columns(["pos", f"{prefix}bands"]), self.minhash, "pos", f"{prefix}bands")
+        reason = self.reason
+
+        def marks(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ids, root = (b.get(c, np.zeros(0, dtype=np.int64)) for c in ("id", "root"))  # an empty block: no columns
+            return {"pos": ids, "reason": np.where(ids != root, reason, "").astype(object), "dup_cluster": keys(root)}
+
+        return None, roots.map_batches(marks, batch_format="numpy")

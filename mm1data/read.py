@@ -1,9 +1,16 @@
-"""Input reading: list input files, cut them into work units (file + row range), read a unit into a batch.
+"""Input reading: list input files, cut them into work units, read a unit as batches of rows.
 
-Units are small and deterministic, so reading parallelises on Ray and every row has a stable key derived
-from (input file relative to the input root, row number). Per-row problems become drop reasons here:
-malformed_row (bad JSON line or CSV record), missing_url, caption_utf8 (invalid UTF-8), empty_caption; for text
-documents text_utf8, empty_text, binary_text, too_large, not_text (a WARC record that holds no text).
+Planning reads metadata only, so the driver holds O(files + units), never O(rows): a parquet file's footer (units of
+whole row groups), a plain jsonl file's size (byte ranges: the reading task finds the line boundaries, a line belongs
+to the unit where it starts) and the first 64 KB of a line file (its columns; whether a .json file is one JSON array).
+A gzip, CSV/TSV, JSON-array or WARC file is one unit whose task counts its records as it reads them.
+
+Every record has a stable position in its file, `src_row`: its row number (parquet, CSV, gzip, JSON array, WARC) or
+the byte offset where its line starts (plain jsonl, which is cut by bytes). Its key is sha256(source # src_row)[:16],
+so keys stay the same across reruns, unit sizes and cluster sizes. Per-row problems become drop reasons here:
+malformed_row (bad JSON line or CSV record), too_large (a record over MAX_RECORD_BYTES, never held whole),
+missing_url, caption_utf8 (invalid UTF-8), empty_caption; for text documents text_utf8, empty_text, binary_text,
+too_large, not_text (a WARC record that holds no text). A line of ASCII blanks is not a record; any other line is one.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -38,6 +47,12 @@ FORMATS = {
     ".wet": "warc",
     ".wet.gz": "warc",
 }
+HEAD_BYTES = 64 << 10  # read at planning: the first record's columns, and whether a .json file is an array
+MAX_RECORD_BYTES = 64 << 20  # a longer line or record is a row with too_large, consumed without being held whole
+MAX_ARRAY_BYTES = 1 << 30  # a .json file holding one JSON array is parsed whole, so it has a cap
+READ_BATCH = 4096  # rows per batch a reading task yields (a whole-file unit streams in batches)
+BLANK = b" \t\r\n"  # a line of only these (spaces, tabs, CR) is not a record
+TOO_LARGE = object()  # stands for a record over MAX_RECORD_BYTES
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,8 @@ class InputConfig:
     url_col: str = "url"
     caption_col: str = "caption"
     extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
-    rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
+    rows_per_unit: int = 2000  # parquet rows per work unit (whole row groups; a Ray read task)
+    bytes_per_unit: int = 32 << 20  # plain jsonl bytes per work unit (gzip, CSV and WARC files are one unit each)
 
     def required_cols(self) -> tuple[str, ...]:
         return (self.url_col, self.caption_col)
@@ -61,7 +77,8 @@ class TextInputConfig:
     id_col: str | None = None  # optional document id, kept in the sample json as `id`
     url_col: str | None = None  # optional source URL, kept as `url`
     extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
-    rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
+    rows_per_unit: int = 2000  # parquet rows per work unit (whole row groups; a Ray read task)
+    bytes_per_unit: int = 32 << 20  # plain jsonl bytes per work unit (gzip and WARC files are one unit each)
     max_bytes: int = 10_000_000  # a longer document is dropped as too_large (its text is not kept)
     html: bool = True  # WARC text/html responses: extract the main text with trafilatura (else not_text)
 
@@ -71,17 +88,21 @@ class TextInputConfig:
 
 @dataclass(frozen=True)
 class Unit:
-    """A deterministic slice of one input file: rows [start, stop), at bytes [byte_start, byte_stop) for text."""
+    """A deterministic slice of one input file: parquet rows [start, stop), jsonl bytes [start, stop), or (stop 0)
+    the whole file. `size` is the file's size at planning: a file that changes during the run is an error."""
 
     uri: str
     source: str  # the file's path relative to the input root: the namespace of its keys
     fmt: str
-    start: int
-    stop: int
-    byte_start: int = 0
-    byte_stop: int = 0
+    start: int = 0
+    stop: int = 0
+    size: int = 0
     row_groups: tuple[int, ...] = ()  # parquet
-    header: tuple[str, ...] = ()  # csv/tsv
+
+    @property
+    def id(self) -> str:
+        """16 hex, stable across reruns: names the unit's staging folder."""
+        return make_key(f"{self.source}#{self.fmt}", self.start * (1 << 40) + self.stop)
 
 
 def detect_format(uri: str, fmt: str) -> str | None:
@@ -94,63 +115,100 @@ def detect_format(uri: str, fmt: str) -> str | None:
     return None
 
 
-def list_inputs(cfg: InputConfig) -> list[tuple[str, str, str]]:
-    """-> [(uri, source, fmt)] sorted; fails fast with a message naming the location."""
+def list_inputs(cfg: InputConfig | TextInputConfig) -> list[tuple[str, str, str, int]]:
+    """-> [(uri, source, fmt, size)] sorted; fails fast with a message naming the location."""
     if not cfg.path:
         raise ConfigError("no input: pass --input URI (or set input.path)")
     try:
-        files = storage.list_files(cfg.path)
+        files = storage.list_sizes(cfg.path)
     except Exception as e:
         raise ConfigError(f"cannot read input location {cfg.path!r}: {e}") from e
     root = cfg.path
     if any(c in root for c in "*?["):
         root = root[: min(root.index(c) for c in "*?[" if c in root)]
         root = root.rsplit("/", 1)[0]
-    elif len(files) == 1 and files[0] == cfg.path:
+    elif len(files) == 1 and files[0][0] == cfg.path:
         root = cfg.path.rsplit("/", 1)[0] if "/" in cfg.path else ""
     out = []
-    for f in files:
+    for f, size in files:
         fmt = detect_format(f, cfg.format)
         if fmt is None or os.path.basename(f).startswith((".", "_")):
             continue  # _SUCCESS, .crc and other non-data files in a dataset directory
         source = f[len(root) :].lstrip("/") if root and f.startswith(root) else os.path.basename(f)
-        out.append((f, source, fmt))
+        out.append((f, source, fmt, size))
     if not out:
         raise ConfigError(f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv, warc[.gz], wet[.gz])")
     return out
 
 
-# ---- planning ----------------------------------------------------------------------------------------------
-
-
-class _Lines:
-    """Line iterator over a binary stream that tracks the byte position (for exact unit boundaries)."""
-
-    def __init__(self, f: io.BufferedIOBase) -> None:
-        self.f, self.pos = f, 0
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        line = self.f.readline()
-        if not line:
-            raise StopIteration
-        self.pos += len(line)
-        return line.decode("utf-8", "surrogateescape")
+# ---- planning: metadata only ---------------------------------------------------------------------------------
 
 
 def plan_units(cfg: InputConfig | TextInputConfig) -> list[Unit]:
-    """Cut every input file into units of about cfg.rows_per_unit rows; checks the required columns exist."""
-    units: list[Unit] = []
-    for uri, source, fmt in list_inputs(cfg):
-        try:
-            units += _plan_file(uri, source, fmt, cfg)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(f"cannot read input file {uri!r}: {type(e).__name__}: {e}") from e
-    return units
+    """Cut every input file into units; checks that the required columns exist. Footers and heads are read in
+    parallel threads (a crawl has tens of thousands of files)."""
+    with ThreadPoolExecutor(16) as pool:
+        planned = list(pool.map(lambda f: _plan_file(*f, cfg), list_inputs(cfg)))
+    return [u for units in planned for u in units]
+
+
+def _plan_file(uri: str, source: str, fmt: str, size: int, cfg: InputConfig | TextInputConfig) -> list[Unit]:
+    try:
+        return _plan(uri, source, fmt, size, cfg)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot read input file {uri!r}: {type(e).__name__}: {e}") from e
+
+
+def _plan(uri: str, source: str, fmt: str, size: int, cfg: InputConfig | TextInputConfig) -> list[Unit]:
+    if size == 0:
+        return []
+    if fmt == "warc":
+        if not isinstance(cfg, TextInputConfig):
+            raise ConfigError(f"{uri}: WARC input is for text documents")
+        return [Unit(uri, source, fmt, size=size)]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.open_seekable(uri) as f:
+            md = pq.ParquetFile(f).metadata
+        _require(md.schema.to_arrow_schema().names, cfg, uri)
+        units, group, rows, start = [], [], 0, 0
+        for g in range(md.num_row_groups):
+            group.append(g)
+            rows += md.row_group(g).num_rows
+            if rows - start >= cfg.rows_per_unit or g == md.num_row_groups - 1:
+                units.append(Unit(uri, source, fmt, start, rows, size, tuple(group)))
+                group, start = [], rows
+        return [u for u in units if u.stop > u.start]
+    head = _head(uri, fmt)
+    if fmt.startswith("jsonl") and uri.lower().endswith((".json", ".json.gz")) and head.lstrip()[:1] == b"[":
+        if size > MAX_ARRAY_BYTES:
+            raise ConfigError(f"{uri}: a JSON array file over {MAX_ARRAY_BYTES >> 20} MB; write it as jsonl")
+        return [Unit(uri, source, "json_array", size=size)]
+    if fmt in ("csv", "tsv"):
+        first = next(csv.reader(io.StringIO(head.decode("utf-8", "replace")), delimiter=_DELIM[fmt]), [])
+        _require(first, cfg, uri)
+        return [Unit(uri, source, fmt, size=size)]
+    line = head.split(b"\n", 1)[0]
+    if len(line) < len(head) or len(head) < HEAD_BYTES:  # a whole first line: check its columns
+        _check_json_columns(line, cfg, uri)
+    if fmt == "jsonl.gz":
+        return [Unit(uri, source, fmt, size=size)]
+    step = cfg.bytes_per_unit
+    return [Unit(uri, source, fmt, a, min(a + step, size), size) for a in range(0, size, step)]
+
+
+def _head(uri: str, fmt: str) -> bytes:
+    """The first HEAD_BYTES of a file's content (decompressed for .gz), without a UTF-8 BOM."""
+    data = storage.read_range(uri, 0, HEAD_BYTES)
+    if fmt.endswith(".gz") or uri.lower().endswith(".gz"):
+        data = zlib.decompressobj(wbits=47).decompress(data, HEAD_BYTES)  # 47: gzip or zlib header
+    return data.removeprefix(b"\xef\xbb\xbf")
+
+
+_DELIM = {"csv": ",", "tsv": "\t"}
 
 
 def _require(columns: list[str], cfg: InputConfig | TextInputConfig, uri: str) -> None:
@@ -158,78 +216,163 @@ def _require(columns: list[str], cfg: InputConfig | TextInputConfig, uri: str) -
         if col not in columns:
             names = " / ".join(f"input.{f.name}" for f in fields(cfg) if getattr(cfg, f.name) == col)
             raise ConfigError(
-                f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))}); set {names}"
+                f"input column {col!r} not found in {uri} (columns: {', '.join(map(str, columns))[:500]}); set {names}"
             )
 
 
-def _plan_file(uri: str, source: str, fmt: str, cfg: InputConfig | TextInputConfig) -> list[Unit]:
-    n = cfg.rows_per_unit
-    if fmt == "warc":  # gzip members cannot be found without reading: the whole file is one unit
-        if not isinstance(cfg, TextInputConfig):
-            raise ConfigError(f"{uri}: WARC input is for text documents")
-        count = sum(1 for _ in _warc_records(uri, html=False))
-        return [Unit(uri, source, fmt, 0, count)] if count else []
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with storage.open_seekable(uri) as f:
-            md = pq.ParquetFile(f).metadata
-            _require(md.schema.to_arrow_schema().names, cfg, uri)
-            units, group, rows, start = [], [], 0, 0
-            for g in range(md.num_row_groups):
-                group.append(g)
-                rows += md.row_group(g).num_rows
-                if rows - start >= n or g == md.num_row_groups - 1:
-                    units.append(Unit(uri, source, fmt, start, rows, row_groups=tuple(group)))
-                    group, start = [], rows
-            return [u for u in units if u.stop > u.start]
-    if fmt == "jsonl.gz":  # gzip cannot seek: the whole file is one unit
-        with gzip.open(storage.open_read(uri)) as f:
-            count, first = 0, None
-            for line in f:
-                if line.strip():
-                    first = first or line
-                    count += 1
-        _check_jsonl_first(first, cfg, uri)
-        return [Unit(uri, source, fmt, 0, count)] if count else []
-    with storage.open_read(uri) as raw:
-        lines = _Lines(raw)
-        header: tuple[str, ...] = ()
-        if fmt in ("csv", "tsv"):
-            reader = csv.reader(lines, delimiter="," if fmt == "csv" else "\t")
-            header = tuple(next(reader, []))
-            _require(list(header), cfg, uri)
-            records: Iterator[Any] = reader
-        else:
-            records = (line for line in lines if line.strip())
-        units, start, byte_start, row, first = [], 0, lines.pos, 0, None
-        for rec in records:
-            if first is None and fmt == "jsonl":
-                first = rec
-            row += 1
-            if row - start >= n:
-                units.append(Unit(uri, source, fmt, start, row, byte_start, lines.pos, header=header))
-                start, byte_start = row, lines.pos
-        if row > start:
-            units.append(Unit(uri, source, fmt, start, row, byte_start, lines.pos, header=header))
-    if fmt == "jsonl":
-        _check_jsonl_first(first, cfg, uri)
-    return units
-
-
-def _check_jsonl_first(line: Any, cfg: InputConfig | TextInputConfig, uri: str) -> None:
-    """The first record names the columns; a file whose first record lacks url or caption is a config error."""
-    if line is None:
-        return
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return  # a malformed first line is a per-row problem (malformed_row), not a config error
-    if isinstance(rec, dict):
+def _check_json_columns(line: bytes, cfg: InputConfig | TextInputConfig, uri: str) -> None:
+    """The first record names the columns; a file whose first record lacks a required one is a config error."""
+    rec = _json_record(line)
+    if isinstance(rec, dict):  # a malformed first line is a per-row problem (malformed_row), not a config error
         _require(list(rec), cfg, uri)
 
 
-# ---- reading -----------------------------------------------------------------------------------------------
+# ---- records -------------------------------------------------------------------------------------------------
+
+
+def _lines(f: io.BufferedIOBase, pos: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """(offset, line) for every line of a binary stream that starts before `stop`; the line is None when it is over
+    MAX_RECORD_BYTES (then it is consumed in pieces, never held whole)."""
+    while stop is None or pos < stop:
+        line = f.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        n = len(line)
+        if n > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+            line = None
+            while piece := f.readline(1 << 20):
+                n += len(piece)
+                if piece.endswith(b"\n"):
+                    break
+        yield pos, line
+        pos += n
+
+
+def _json_record(line: bytes) -> dict[str, Any] | None:
+    """A JSON line -> its object, or None (not JSON, or not an object). A leading BOM or RFC 7464 record separator
+    is allowed."""
+    text = line.decode("utf-8", "surrogateescape").lstrip("\ufeff\x1e")
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _unchanged(unit: Unit) -> None:
+    if unit.size and storage.size(unit.uri) != unit.size:
+        raise RuntimeError(f"{unit.uri} changed since the run was planned (size {unit.size}); keys would shift")
+
+
+def _records(unit: Unit, skip: Iterable[int] = (), html: bool = False, max_bytes: int = 0) -> Iterator[tuple]:
+    """(src_row, record) for every record of the unit whose src_row is not in `skip`: record is a dict, None (a row
+    that cannot be parsed) or TOO_LARGE. WARC records are dicts with `text` (or `_reason`), `url` and `id`."""
+    skip = set(skip)
+    if unit.fmt == "parquet":
+        yield from ((i, r) for i, r in _parquet_records(unit) if i not in skip)
+        return
+    _unchanged(unit)
+    if unit.fmt == "warc":
+        yield from _warc_records(unit.uri, html, max_bytes, skip)
+        return
+    if unit.fmt == "jsonl":  # a byte range: the lines that start in it
+        with storage.open_seekable(unit.uri, 8 << 20) as f:
+            pos = unit.start
+            if pos > 0:
+                f.seek(pos - 1)
+                if f.read(1) != b"\n":  # the range starts inside a line that belongs to the unit before
+                    while piece := f.readline(1 << 20):
+                        pos += len(piece)
+                        if piece.endswith(b"\n"):
+                            break
+            for off, line in _lines(f, pos, unit.stop):
+                if off in skip or (line is not None and not line.strip(BLANK)):
+                    continue
+                yield off, TOO_LARGE if line is None else _json_record(line)
+        return
+    with storage.open_read(unit.uri) as raw:
+        gz = unit.fmt == "jsonl.gz" or unit.uri.lower().endswith(".gz")
+        f = gzip.GzipFile(fileobj=raw) if gz else raw
+        if unit.fmt == "json_array":
+            yield from ((i, r) for i, r in _array_records(unit.uri, f) if i not in skip)
+        elif unit.fmt == "jsonl.gz":
+            lines = (line for _, line in _lines(f) if line is None or line.strip(BLANK))  # records, in order
+            for i, line in enumerate(lines):
+                if i not in skip:
+                    yield i, TOO_LARGE if line is None else _json_record(line)
+        else:
+            yield from ((i, r) for i, r in _csv_records(unit, (line for _, line in _lines(f))) if i not in skip)
+
+
+def _parquet_records(unit: Unit) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.open_seekable(unit.uri) as f:
+        table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups))
+    if table.num_rows != unit.stop - unit.start:
+        raise RuntimeError(f"{unit.uri} changed since the run was planned (row groups {unit.row_groups})")
+    # strings as raw bytes, so invalid UTF-8 becomes a drop reason instead of an exception
+    cols = {
+        name: (
+            col.cast(pa.large_binary()) if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else col
+        ).to_pylist()
+        for name, col in zip(table.column_names, table.columns)
+    }
+    for i in range(table.num_rows):
+        yield unit.start + i, {name: values[i] for name, values in cols.items()}
+
+
+def _array_records(uri: str, f: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+    data = f.read(MAX_ARRAY_BYTES + 1)
+    if len(data) > MAX_ARRAY_BYTES:
+        raise ValueError(f"{uri}: a JSON array over {MAX_ARRAY_BYTES >> 20} MB once decompressed; write it as jsonl")
+    try:
+        items = json.loads(data.decode("utf-8", "surrogateescape").lstrip("\ufeff"))
+    except ValueError:
+        items = None
+    if not isinstance(items, list):  # a broken file: one malformed row stands for it (its records cannot be told)
+        yield 0, None
+        return
+    for i, item in enumerate(items):
+        yield i, item if isinstance(item, dict) else None
+
+
+def _csv_records(unit: Unit, lines: Iterator[bytes | None]) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """CSV/TSV rows of a whole file (quoted fields may hold newlines); the first record is the header."""
+    csv.field_size_limit(MAX_RECORD_BYTES)
+    text = (("\n" if line is None else line.decode("utf-8", "surrogateescape")) for line in lines)
+    reader = csv.reader(text, delimiter=_DELIM[unit.fmt])
+    header: list[str] | None = None
+    i = 0
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # e.g. a NUL byte or an unterminated quote: this record only
+            rec = None
+        if rec == []:  # a blank line between records
+            continue
+        if header is None:
+            header = [h.lstrip("\ufeff") for h in rec or []]
+            continue
+        yield i, dict(zip(header, rec)) if rec is not None and len(rec) == len(header) else None
+        i += 1
+
+
+def _batches(records: Iterator[tuple], size: int = READ_BATCH) -> Iterator[list[tuple]]:
+    chunk: list[tuple] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---- rows ----------------------------------------------------------------------------------------------------
 
 
 def _text(value: Any) -> tuple[str, bool]:
@@ -251,94 +394,49 @@ def _text(value: Any) -> tuple[str, bool]:
         return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), False
 
 
-def _records(unit: Unit, html: bool = False) -> Iterator[dict[str, Any] | None]:
-    """Yield one dict per input row of the unit (None for a row that cannot be parsed)."""
-    if unit.fmt == "warc":
-        yield from _warc_records(unit.uri, html)
-        return
-    if unit.fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        with storage.open_seekable(unit.uri) as f:
-            table = pq.ParquetFile(f).read_row_groups(list(unit.row_groups))
-        # strings as raw bytes, so invalid UTF-8 becomes a drop reason instead of an exception
-        cols = {
-            name: (
-                col.cast(pa.large_binary())
-                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-                else col
-            ).to_pylist()
-            for name, col in zip(table.column_names, table.columns)
+def read_unit(unit: Unit, cfg: InputConfig, skip: Iterable[int] = ()) -> Iterator[Batch]:
+    """Batches of -> key, src_file, src_row, url, caption, extra (JSON of the kept extra columns), drop_reason;
+    rows whose src_row is in `skip` (already staged) are left out."""
+    for chunk in _batches(_records(unit, skip)):
+        keys, urls, caps, extras, reasons = [], [], [], [], []
+        for row, rec in chunk:
+            keys.append(make_key(unit.source, row))
+            if rec is None or rec is TOO_LARGE:
+                urls.append(""), caps.append(""), extras.append("{}")
+                reasons.append("malformed_row" if rec is None else "too_large")
+                continue
+            url, url_ok = _text(rec.get(cfg.url_col))
+            cap, cap_ok = _text(rec.get(cfg.caption_col))
+            extra_names = (
+                cfg.extra_cols
+                if cfg.extra_cols is not None
+                else [k for k in rec if k not in (cfg.url_col, cfg.caption_col)]
+            )
+            extra = {k: _jsonable(rec.get(k)) for k in extra_names}
+            reason = ""
+            if not url.strip() or not url_ok:
+                reason = "missing_url"
+            elif not cap_ok:
+                reason = "caption_utf8"
+            elif not cap.strip():
+                reason = "empty_caption"
+            urls.append(url.strip()), caps.append(cap), extras.append(json.dumps(extra, ensure_ascii=False))
+            reasons.append(reason)
+        yield {
+            "key": _obj(keys),
+            "src_file": _obj([unit.source] * len(keys)),
+            "src_row": np.array([row for row, _ in chunk], dtype=np.int64),
+            "url": _obj(urls),
+            "caption": _obj(caps),
+            "extra": _obj(extras),
+            "drop_reason": _obj(reasons),
         }
-        for i in range(table.num_rows):
-            yield {name: values[i] for name, values in cols.items()}
-        return
-    if unit.fmt == "jsonl.gz":
-        with gzip.open(storage.open_read(unit.uri)) as f:
-            lines = (line.decode("utf-8", "surrogateescape") for line in f if line.strip())
-            yield from (_json_record(line) for line in lines)
-        return
-    data = storage.read_range(unit.uri, unit.byte_start, unit.byte_stop)
-    text = data.decode("utf-8", "surrogateescape")
-    if unit.fmt == "jsonl":
-        yield from (_json_record(line) for line in text.split("\n") if line.strip())
-        return
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if unit.fmt == "csv" else "\t")
-    for rec in reader:
-        yield dict(zip(unit.header, rec)) if len(rec) == len(unit.header) else None
 
 
-def _json_record(line: str) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
-    """-> key, src_file, src_row, url, caption, extra (JSON of the kept extra columns), drop_reason."""
-    keys, urls, caps, extras, reasons = [], [], [], [], []
-    for i, rec in enumerate(_records(unit)):
-        row = unit.start + i
-        keys.append(make_key(unit.source, row))
-        if rec is None:
-            urls.append(""), caps.append(""), extras.append("{}"), reasons.append("malformed_row")
-            continue
-        url, url_ok = _text(rec.get(cfg.url_col))
-        cap, cap_ok = _text(rec.get(cfg.caption_col))
-        extra_names = (
-            cfg.extra_cols
-            if cfg.extra_cols is not None
-            else [k for k in rec if k not in (cfg.url_col, cfg.caption_col)]
-        )
-        extra = {k: _jsonable(rec.get(k)) for k in extra_names}
-        reason = ""
-        if not url.strip() or not url_ok:
-            reason = "missing_url"
-        elif not cap_ok:
-            reason = "caption_utf8"
-        elif not cap.strip():
-            reason = "empty_caption"
-        urls.append(url.strip()), caps.append(cap), extras.append(json.dumps(extra, ensure_ascii=False))
-        reasons.append(reason)
-    n = len(keys)
-    if unit.stop - unit.start != n:  # the file changed since planning: keys would no longer be stable
-        raise RuntimeError(
-            f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
-            "did the input change during the run?"
-        )
-    obj = lambda xs: np.array(xs, dtype=object) if xs else np.empty(0, dtype=object)  # noqa: E731
-    return {
-        "key": obj(keys),
-        "src_file": obj([unit.source] * n),
-        "src_row": np.arange(unit.start, unit.stop),
-        "url": obj(urls),
-        "caption": obj(caps),
-        "extra": obj(extras),
-        "drop_reason": obj(reasons),
-    }
+def _obj(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -362,25 +460,27 @@ _BINARY = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 BINARY_SHARE = 0.1  # more than this share of such characters -> binary_text
 
 
-def _warc_records(uri: str, html: bool, max_bytes: int = 0) -> Iterator[dict[str, Any]]:
-    """Content records of a WARC/WET file (warcio): WET `conversion` text, `response`/`resource` bodies.
+def _warc_records(uri: str, html: bool, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(record number, record) for the content records of a WARC/WET file (warcio): WET `conversion` text,
+    `response`/`resource` bodies. Request, metadata and warcinfo records are not documents and are not numbered.
 
-    Request, metadata and warcinfo records are not documents and are not rows. An HTML body becomes its main text
-    (trafilatura, as datatrove's extractor) when `html`; any other non-text body is a row with reason not_text.
+    An HTML body becomes its main text (trafilatura, as datatrove's extractor) when `html`; any other non-text body
+    is a row with reason not_text. A skipped record's body is neither read nor extracted (a rerun's cheap path).
     """
     from warcio.archiveiterator import ArchiveIterator
 
     with storage.open_read(uri) as f:
+        i = -1
         for rec in ArchiveIterator(f):
             if rec.rec_type not in ("conversion", "response", "resource"):
+                continue
+            i += 1
+            if i in skip:
                 continue
             out: dict[str, Any] = {
                 "url": rec.rec_headers.get_header("WARC-Target-URI") or "",
                 "id": rec.rec_headers.get_header("WARC-Record-ID") or "",
             }
-            if not html and not max_bytes:  # planning: count records only
-                yield out
-                continue
             ctype = (
                 rec.http_headers.get_header("Content-Type") if rec.http_headers else rec.content_type
             ) or "text/plain"
@@ -394,7 +494,7 @@ def _warc_records(uri: str, html: bool, max_bytes: int = 0) -> Iterator[dict[str
                 out["text"] = body
             else:
                 out["_reason"] = "not_text"
-            yield out
+            yield i, out
 
 
 def _extract_html(body: bytes) -> str:
@@ -405,59 +505,53 @@ def _extract_html(body: bytes) -> str:
     return trafilatura.extract(body, favor_precision=True, include_comments=False, deduplicate=True) or ""
 
 
-def read_text_unit(unit: Unit, cfg: TextInputConfig) -> Batch:
-    """-> key, src_file, src_row, text, text_bytes, url, id, extra, drop_reason (one row per document).
+def read_text_unit(unit: Unit, cfg: TextInputConfig, skip: Iterable[int] = ()) -> Iterator[Batch]:
+    """Batches of -> key, src_file, src_row, text, text_bytes, url, id, extra, drop_reason (a row per document).
 
     Bad documents stay rows with a reason: text_utf8 (invalid UTF-8), empty_text (null, empty or whitespace),
     binary_text, too_large (over input.max_bytes; its text is not kept, so memory stays bounded), not_text.
     """
-    cols: dict[str, list] = {k: [] for k in ("key", "text", "text_bytes", "url", "id", "extra", "drop_reason")}
-    records = _warc_records(unit.uri, cfg.html, cfg.max_bytes) if unit.fmt == "warc" else _records(unit)
-    for i, rec in enumerate(records):
-        cols["key"].append(make_key(unit.source, unit.start + i))
-        if rec is None:
-            rec = {"_reason": "malformed_row"}
-        raw = rec.get(cfg.text_col if unit.fmt != "warc" else "text")
-        reason = rec.get("_reason", "")
-        if raw is not None and not isinstance(raw, (str, bytes)):
-            raw, reason = None, reason or "not_text"  # a number, list or object where the text should be
-        if isinstance(raw, str):  # (no encoded copy of a long ASCII document just to measure it)
-            size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
-        else:
-            size = len(raw or b"")
-        text, ok = ("", True) if reason or size > cfg.max_bytes else _text(raw)
-        if reason:
-            pass
-        elif size > cfg.max_bytes:
-            reason = "too_large"
-        elif not ok:
-            reason, text = "text_utf8", ""
-        elif not text.strip():
-            reason = "empty_text"
-        elif len(_BINARY.findall(text)) > BINARY_SHARE * len(text):
-            reason, text = "binary_text", ""
-        if unit.fmt == "warc":
-            url, doc_id, extra = rec.get("url", ""), rec.get("id", ""), {}
-        else:
-            url = _text(rec.get(cfg.url_col))[0] if cfg.url_col else ""
-            doc_id = _text(rec.get(cfg.id_col))[0] if cfg.id_col else ""
-            own = {cfg.text_col, cfg.url_col, cfg.id_col}
-            names = cfg.extra_cols if cfg.extra_cols is not None else [k for k in rec if k not in own]
-            extra = {k: _jsonable(rec.get(k)) for k in names if not k.startswith("_")}
-        cols["text"].append(text)
-        cols["text_bytes"].append(size)
-        cols["url"].append(url.strip())
-        cols["id"].append(doc_id)
-        cols["extra"].append(json.dumps(extra, ensure_ascii=False))
-        cols["drop_reason"].append(reason)
-    n = len(cols["key"])
-    if unit.stop - unit.start != n:
-        raise RuntimeError(
-            f"{unit.uri}: expected {unit.stop - unit.start} rows at {unit.start}, read {n}; "
-            "did the input change during the run?"
-        )
-    out = {k: np.array(v, dtype=object) if n else np.empty(0, dtype=object) for k, v in cols.items()}
-    out["text_bytes"] = np.array(cols["text_bytes"], dtype=np.int64)
-    out["src_file"] = np.array([unit.source] * n, dtype=object) if n else np.empty(0, dtype=object)
-    out["src_row"] = np.arange(unit.start, unit.stop)
-    return out
+    for chunk in _batches(_records(unit, skip, cfg.html, cfg.max_bytes)):
+        cols: dict[str, list] = {k: [] for k in ("key", "text", "text_bytes", "url", "id", "extra", "drop_reason")}
+        for row, rec in chunk:
+            cols["key"].append(make_key(unit.source, row))
+            if rec is None or rec is TOO_LARGE:
+                rec = {"_reason": "malformed_row" if rec is None else "too_large"}
+            raw = rec.get(cfg.text_col if unit.fmt != "warc" else "text")
+            reason = rec.get("_reason", "")
+            if raw is not None and not isinstance(raw, (str, bytes)):
+                raw, reason = None, reason or "not_text"  # a number, list or object where the text should be
+            if isinstance(raw, str):  # (no encoded copy of a long ASCII document just to measure it)
+                size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+            else:
+                size = len(raw or b"")
+            text, ok = ("", True) if reason or size > cfg.max_bytes else _text(raw)
+            if reason:
+                pass
+            elif size > cfg.max_bytes:
+                reason = "too_large"
+            elif not ok:
+                reason, text = "text_utf8", ""
+            elif not text.strip():
+                reason = "empty_text"
+            elif len(_BINARY.findall(text)) > BINARY_SHARE * len(text):
+                reason, text = "binary_text", ""
+            if unit.fmt == "warc":
+                url, doc_id, extra = rec.get("url", ""), rec.get("id", ""), {}
+            else:
+                url = _text(rec.get(cfg.url_col))[0] if cfg.url_col else ""
+                doc_id = _text(rec.get(cfg.id_col))[0] if cfg.id_col else ""
+                own = {cfg.text_col, cfg.url_col, cfg.id_col}
+                names = cfg.extra_cols if cfg.extra_cols is not None else [k for k in rec if k not in own]
+                extra = {k: _jsonable(rec.get(k)) for k in names if not k.startswith("_")}
+            cols["text"].append(text)
+            cols["text_bytes"].append(size)
+            cols["url"].append(url.strip())
+            cols["id"].append(doc_id)
+            cols["extra"].append(json.dumps(extra, ensure_ascii=False))
+            cols["drop_reason"].append(reason)
+        out = {k: _obj(v) for k, v in cols.items()}
+        out["text_bytes"] = np.array(cols["text_bytes"], dtype=np.int64)
+        out["src_file"] = _obj([unit.source] * len(chunk))
+        out["src_row"] = np.array([row for row, _ in chunk], dtype=np.int64)
+        yield out

@@ -41,7 +41,7 @@ class TarShardWriter:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        fd, self._tmp = tempfile.mkstemp(dir=storage.local_tmp_dir(uri), prefix=".tmp-", suffix=".tar")
+        fd, self._tmp = tempfile.mkstemp(dir=storage.local_tmp_dir(uri), prefix=storage.TMP_PREFIX, suffix=".tar")
         self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []

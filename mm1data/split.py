@@ -1,5 +1,14 @@
-"""The corpus-wide end of a run: dedup, split kept rows into tar shards, every row into meta/*.parquet,
-then index.json. It reads only staging, is deterministic and skips shards already committed."""
+"""The corpus-wide half of a run, on Ray; the driver holds O(units + shards), never O(rows).
+
+  candidates  every unit's kept rows: pos (input order) and each dedup step's keys    a Ray task per unit
+  dedup       each step on the rows the earlier steps kept -> marks (pos, reason, ...)   hash shuffles (dedup.py)
+  decide      a unit's staged rows + its marks -> _staging/decided/{unit}.parquet       grouped by unit
+  plan        kept counts per unit -> shards (split further where the byte cap binds)  driver: O(units + shards)
+  shards      tar + .idx + a record per shard; a committed shard is not rewritten       Ray tasks
+  meta        meta/part-NNNNNN.parquet: every row, with its shard                       Ray tasks
+  index.json  from the per-shard records, last: the run is complete when it exists
+It reads only staging and is deterministic, so a crash here costs a rerun of this half, never a lost or doubled row.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +18,26 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mm1data import __version__, storage
 from mm1data.config import to_dict
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
-from mm1data.staging import staged_files
+from mm1data.staging import read_unit_staged, staging_uri, unit_dir
 
-META_ROWS = 1_000_000  # rows per meta parquet part
-INTERNAL = ("_part", "_row")
+if TYPE_CHECKING:
+    from mm1data.pipelines.runner import Kind
+    from mm1data.read import Unit
+
+META_ROWS = 500_000  # rows per meta parquet part (a meta task holds these rows' light columns)
+POS_BITS = 40  # pos = unit index << POS_BITS | offset of the row in its unit (a row number or a byte offset)
+INTERNAL = ("_part", "_row")  # where a row lies in staging: in decided files, not in meta
 
 
 @dataclass(frozen=True)
@@ -32,34 +47,319 @@ class ShardConfig:
     workers: int = 0  # parallel shard writers; 0 = one per cluster CPU
 
 
-# A dedup step marks rows of the table (sorted into input order) given their drop reasons; it returns the new
-# reasons and any columns to add to the score store.
-DedupStep = Callable[[pa.Table, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]]
-
-# A sample builder turns one staged row (a dict of column values, image included) into tar members.
+# A sample builder turns one staged row (a dict of column values, payload included) into tar members and tokens.
 SampleBuilder = Callable[[dict[str, Any]], tuple[dict[str, bytes], int]]
 
 
+class Positions:
+    """Input order as one int64 per row (unit index << POS_BITS | offset in the unit), and back to the row's key."""
+
+    def __init__(self, units: list[Unit]) -> None:
+        self.ids = [u.id for u in units]
+        self.sources = np.array([u.source for u in units], dtype=object)
+        self.starts = np.array([u.start for u in units], dtype=np.int64)
+
+    def encode(self, u: int, src_row: np.ndarray) -> np.ndarray:
+        return (np.int64(u) << np.int64(POS_BITS)) | (np.asarray(src_row, dtype=np.int64) - self.starts[u])
+
+    def keys(self, pos: np.ndarray) -> np.ndarray:
+        from mm1data.schema import make_key
+
+        u = (pos >> POS_BITS).astype(np.int64)
+        rows = self.starts[u] + (pos & ((1 << POS_BITS) - 1))
+        out = np.empty(len(pos), dtype=object)
+        out[:] = [make_key(s, int(r)) for s, r in zip(self.sources[u], rows)]
+        return out
+
+
+def decided_uri(output: str, unit_id: str) -> str:
+    return staging_uri(output, "decided", f"{unit_id}.parquet")
+
+
+def finalize(
+    kind: Kind, cfg: Any, units: list[Unit], run_id: str, warnings: list[str], check: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
+    """Dedup, decide, shard, meta, index.json (last); returns the index. `cfg` is the resolved run config (it goes
+    into index.json); `check` raises if this process no longer holds the output (called before index.json)."""
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    out = cfg.output
+    pos = Positions(units)
+    steps = kind.dedup(cfg)
+    added = {k: v for s in steps for k, v in s.added.items()}  # score-store columns the steps add, with defaults
+    ctx = DataContext.get_current()
+    strategy, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:  # task-based shuffles: the default's aggregator actors cost seconds each to start, per shuffle
+        marks = _dedup(out, pos, steps, added)
+        summaries = _decide(kind, out, pos, marks, added)
+    finally:
+        ctx.shuffle_strategy = strategy
+
+    kept = np.array([s["kept"] for s in summaries], dtype=np.int64)
+    kept_before = np.r_[0, np.cumsum(kept)]
+    ranges = _plan(out, pos, kind.size_col, cfg.shards, kept_before, np.array([s["kept_bytes"] for s in summaries]))
+    names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
+    jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
+    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers)
+    shards = [ShardInfo(**records[n]["shard"]) for n in names]
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    _write_meta(out, pos.ids, summaries, kept_before, starts, names)
+    _remove_stale(out, cfg.corpus, set(names))
+
+    counts: Counter[str] = Counter()
+    funnel_counts: Counter[str] = Counter()
+    for s in summaries:
+        counts.update(s["reasons"])
+        funnel_counts.update(s["funnel"])
+    funnel = {"rows_in": int(sum(s["rows"] for s in summaries)), **funnel_counts}
+    funnel["dropped"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    funnel["kept"] = int(kept.sum())
+    index = build_index(
+        kind.name,
+        cfg.corpus,
+        shards,
+        sum(records[n]["tokens"] for n in names),
+        funnel=funnel,
+        config=json.loads(json.dumps(to_dict(cfg), default=str)),  # the resolved run config, as plain JSON
+        warnings=warnings,
+        mm1data_version=__version__,
+        run_id=run_id,
+    )
+    check()
+    write_index(out, index)  # last: the run is complete when this exists
+    return index
+
+
+# ---- dedup ---------------------------------------------------------------------------------------------------
+
+
+def _unit_blocks(n: int) -> int:
+    return max(1, min(n, 1024))
+
+
+def _candidates(batch: dict[str, np.ndarray], output: str, pos: Positions, steps: list) -> dict[str, np.ndarray]:
+    """Ray task: units -> their kept rows' pos and each step's key columns (prefix _s{i}_)."""
+    parts: list[dict[str, np.ndarray]] = []
+    for u in batch["u"].tolist():
+        cols = ["src_row", "drop_reason", *(s.column for s in steps)]
+        t = read_unit_staged(output, pos.ids[u], columns=cols)
+        if t is None:
+            continue
+        t = t.filter(pc.equal(t["drop_reason"], ""))
+        part = {"pos": pos.encode(u, t["src_row"].to_numpy())}
+        for i, s in enumerate(steps):
+            part.update(s.candidates(t, f"_s{i}_"))
+        parts.append(part)
+    if not parts:  # still a batch with every column, so that all blocks share a schema
+        empty = pa.table({c: pa.array([], pa.int64()) for c in ("src_row",)})
+        part = {"pos": np.zeros(0, dtype=np.int64)}
+        for i, s in enumerate(steps):
+            part.update(s.candidates(empty, f"_s{i}_"))
+        parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _dedup(output: str, pos: Positions, steps: list, added: dict[str, str]):
+    """-> Dataset of marks (unit, pos, reason, *added) from every step, or None when the kind has no steps."""
+    import ray
+
+    if not steps:
+        return None
+    cands = ray.data.from_items(
+        [{"u": i} for i in range(len(pos.ids))], override_num_blocks=_unit_blocks(len(pos.ids))
+    )
+    cands = cands.map_batches(
+        _candidates, batch_size=1, num_cpus=0.5, fn_kwargs={"output": output, "pos": pos, "steps": steps}
+    ).materialize()
+    n = cands.count()
+    marks = []
+    for i, step in enumerate(steps):
+        if n == 0:
+            break
+        kept, m = step.apply(cands, f"_s{i}_", n, pos.keys)
+        marks.append(m.map_batches(_complete_marks, fn_kwargs={"added": added}, batch_format="numpy"))
+        if kept is None:
+            if i != len(steps) - 1:
+                raise ValueError(f"dedup step {step} must be the last (it does not pass on the rows it keeps)")
+            break
+        cands = kept.materialize()
+        n = cands.count()
+    return marks[0].union(*marks[1:]) if marks else None
+
+
+def _complete_marks(b: dict[str, np.ndarray], added: dict[str, str]) -> pa.Table:
+    """Every step's marks, and the one row per unit that makes every unit a group, in one schema: unit, pos,
+    reason, and each added column (its default where not set)."""
+    n = len(b["pos"])
+    pos = np.asarray(b["pos"], dtype=np.int64)
+    cols = {"unit": (pos >> POS_BITS) if "unit" not in b else np.asarray(b["unit"], dtype=np.int64), "pos": pos}
+    table = pa.table({k: pa.array(v, pa.int64()) for k, v in cols.items()})
+    table = table.append_column("reason", pa.array(np.asarray(b["reason"], dtype=object).tolist(), pa.string()))
+    for col, default in added.items():
+        values = b[col].tolist() if col in b else [default] * n
+        table = table.append_column(col, pa.array(values, pa.string()))
+    return table
+
+
+# ---- decide --------------------------------------------------------------------------------------------------
+
+
+def _decide(kind: Kind, output: str, pos: Positions, marks, added: dict[str, str]) -> list[dict[str, Any]]:
+    """Every unit's rows get their final drop reasons (and the added columns) in a decided file; -> a summary per
+    unit, in unit order: rows, kept, kept_bytes, reasons, funnel."""
+    import ray
+
+    n_units = len(pos.ids)
+    if n_units == 0:
+        return []
+    rows = ray.data.from_items(
+        [{"unit": i, "pos": -1, "reason": ""} for i in range(n_units)], override_num_blocks=_unit_blocks(n_units)
+    ).map_batches(_complete_marks, fn_kwargs={"added": added}, batch_format="numpy")
+    every = rows.union(marks) if marks is not None else rows
+    parts = max(1, min(n_units, 64))
+    fn_kwargs = {"kind": kind, "output": output, "pos": pos, "added": added}
+    summaries = every.groupby("unit", num_partitions=parts).map_groups(
+        _decide_unit, batch_format="numpy", fn_kwargs=fn_kwargs
+    )
+    out = [json.loads(s) for b in summaries.iter_batches(batch_size=None) for s in b["summary"]]
+    return sorted(out, key=lambda s: s["unit"])
+
+
+def _decide_unit(
+    group: dict[str, np.ndarray], kind: Kind, output: str, pos: Positions, added: dict[str, str]
+) -> dict[str, np.ndarray]:
+    u = int(group["unit"][0])
+    summary = {"unit": u, "rows": 0, "kept": 0, "kept_bytes": 0, "reasons": {}, "funnel": {}}
+    t = read_unit_staged(output, pos.ids[u], exclude=kind.payload)
+    if t is not None:
+        row_pos = pos.encode(u, t["src_row"].to_numpy())  # ascending: staged rows come sorted by src_row
+        reason = t["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
+        extra = {col: np.full(t.num_rows, default, dtype=object) for col, default in added.items()}
+        m = group["pos"] >= 0
+        at = np.searchsorted(row_pos, group["pos"][m])
+        if len(at) and (at.max() >= len(row_pos) or not np.array_equal(row_pos[at], group["pos"][m])):
+            raise RuntimeError(f"unit {pos.ids[u]}: a dedup mark names a row that is not staged")
+        new = group["reason"][m].astype(object)
+        set_reason = (new != "") & (reason[at] == "")
+        reason[at[set_reason]] = new[set_reason]
+        for col in added:
+            extra[col][at] = group[col][m]
+        t = t.set_column(t.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist(), pa.string()))
+        for col, values in extra.items():
+            t = t.append_column(col, pa.array(values.tolist(), pa.string()))
+        _write_parquet(decided_uri(output, pos.ids[u]), t)
+        kept = reason == ""
+        sizes = t[kind.size_col].to_numpy() if kind.size_col in t.column_names else np.zeros(t.num_rows, np.int64)
+        summary.update(
+            rows=t.num_rows,
+            kept=int(kept.sum()),
+            kept_bytes=int(sizes[kept].sum()),
+            reasons=dict(Counter(r for r in reason.tolist() if r)),
+            funnel=kind.funnel(t),
+        )
+    return {"summary": np.array([json.dumps(summary)], dtype=object)}
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    with storage.open_seekable(uri) as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+# ---- plan ----------------------------------------------------------------------------------------------------
+
+
+def _segments(kept_before: np.ndarray, a: int, b: int) -> list[tuple[int, int, int]]:
+    """Kept ranks [a, b) of the whole run -> [(unit, first, stop)] ranges of kept rows inside units."""
+    out = []
+    u = int(np.searchsorted(kept_before, a, side="right")) - 1
+    while a < b:
+        hi = min(b, int(kept_before[u + 1]))
+        if hi > a:
+            out.append((u, a - int(kept_before[u]), hi - int(kept_before[u])))
+        a, u = hi, u + 1
+    return out
+
+
+def _plan(
+    output: str, pos: Positions, size_col: str, cfg: ShardConfig, kept_before: np.ndarray, kept_bytes: np.ndarray
+) -> list[tuple[int, int]]:
+    """Shards as ranges of kept ranks in input order: every samples_per_shard samples, and where a slot of that many
+    may hold more than bytes_per_shard (judged from whole units' bytes), cut further by a Ray task that reads the
+    slot's sample sizes (a single larger sample gets a shard of its own)."""
+    import ray
+
+    total, step = int(kept_before[-1]), cfg.samples_per_shard
+    bytes_before = np.r_[0, np.cumsum(kept_bytes, dtype=np.int64)]
+    slots = [(a, min(a + step, total)) for a in range(0, total, step)]
+    out: list[tuple[int, int]] = []
+    pending = {}
+    for i, (a, b) in enumerate(slots):
+        lo = int(np.searchsorted(kept_before, a, side="right")) - 1
+        hi = int(np.searchsorted(kept_before, b - 1, side="right")) - 1
+        if bytes_before[hi + 1] - bytes_before[lo] > cfg.bytes_per_shard:
+            cut = ray.remote(num_cpus=0.25)(_byte_cuts)
+            pending[i] = cut.remote(output, pos.ids, _segments(kept_before, a, b), size_col, cfg)
+    cuts = dict(zip(pending, ray.get(list(pending.values()))))
+    for i, (a, b) in enumerate(slots):
+        out += [(a + x, a + y) for x, y in cuts.get(i, [(0, b - a)])]
+    return out
+
+
+def _byte_cuts(
+    output: str, ids: list[str], segments: list[tuple[int, int, int]], size_col: str, cfg: ShardConfig
+) -> list[tuple[int, int]]:
+    sizes = []
+    for u, lo, hi in segments:
+        t = _read_parquet(decided_uri(output, ids[u]), [size_col, "drop_reason"])
+        kept = t[size_col].to_numpy()[t["drop_reason"].to_numpy(zero_copy_only=False) == ""]
+        sizes.append(kept[lo:hi])
+    return plan_shards(np.concatenate(sizes).tolist(), cfg.samples_per_shard, cfg.bytes_per_shard)
+
+
+# ---- shards and meta ------------------------------------------------------------------------------------------
+
+
 def _record_uri(output: str, name: str) -> str:
-    return storage.join(output, "_staging", "shards", name + ".json")
+    return staging_uri(output, "shards", name + ".json")
 
 
 def write_shard(
-    output: str, name: str, parts: list[str], rows: list[tuple[int, int]], build: SampleBuilder, fingerprint: str
+    output: str, name: str, ids: list[str], segments: list[tuple[int, int, int]], build: SampleBuilder
 ) -> dict[str, Any]:
-    """Write one shard from staged rows [(part index, row in part)] in order; commit it and its record."""
-    needed: dict[int, list[int]] = {}
-    for p, r in rows:
-        needed.setdefault(p, []).append(r)
-    staged: dict[tuple[int, int], dict[str, Any]] = {}  # (part, row) -> the staged row, image included
-    for p, rs in needed.items():
-        src = io.BytesIO(storage.read_bytes(parts[p])) if storage.is_s3(parts[p]) else parts[p]
-        staged.update(zip(((p, r) for r in rs), pq.read_table(src).take(rs).to_pylist()))
+    """Ray task: one shard from kept rows [(unit, first, stop)], in order. A shard committed earlier with the same
+    samples is kept as it is; otherwise it is written whole, then its record."""
+    rows = []  # (unit id, part, row in part), in order
+    keys: list[str] = []
+    for u, lo, hi in segments:
+        t = _read_parquet(decided_uri(output, ids[u]), ["key", "drop_reason", *INTERNAL])
+        t = t.filter(pc.equal(t["drop_reason"], "")).slice(lo, hi - lo)
+        keys += t["key"].to_pylist()
+        rows += zip([ids[u]] * t.num_rows, t["_part"].to_pylist(), t["_row"].to_pylist())
+    fingerprint = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    rec_uri = _record_uri(output, name)
+    if storage.exists(rec_uri):
+        rec = json.loads(storage.read_bytes(rec_uri))
+        if rec["fingerprint"] == fingerprint and storage.exists(storage.join(output, name)):
+            return rec  # committed by an earlier run: not redone
+    needed: dict[tuple[str, str], list[int]] = {}
+    for unit, part, r in rows:
+        needed.setdefault((unit, part), []).append(r)
+    staged: dict[tuple[str, str, int], dict[str, Any]] = {}  # the staged rows, payload included
+    for (unit, part), rs in needed.items():
+        table = _read_parquet(storage.join(unit_dir(output, unit), part)).take(rs)
+        staged.update(zip(((unit, part, r) for r in rs), table.to_pylist()))
     writer = TarShardWriter(storage.join(output, name))
     tokens = 0
     try:
-        for key in rows:
-            members, n_tokens = build(staged[key])
+        for row in rows:
+            members, n_tokens = build(staged[row])
             writer.write(members, num_images=sum(1 for m in members if m.rsplit(".", 1)[-1] in IMAGE_EXTS))
             tokens += n_tokens
     except BaseException:
@@ -67,124 +367,94 @@ def write_shard(
         raise
     info = writer.close()
     record = {"fingerprint": fingerprint, "tokens": tokens, "shard": asdict(info)}
-    storage.write_bytes(_record_uri(output, name), json.dumps(record).encode())
+    storage.write_bytes(rec_uri, json.dumps(record).encode())
     return record
 
 
-def finalize(
-    output: str,
-    kind: str,
-    corpus: str,
-    table: pa.Table,
-    build: SampleBuilder,
-    shard_cfg: ShardConfig,
-    dedup: DedupStep,
-    config: Any,
-    warnings: list[str],
-    size_col: str = "image_bytes",
-) -> dict[str, Any]:
-    """Dedup, shard, meta, index.json (last). `table` is read_staged(): every row, without heavy columns.
-
-    `config` (the resolved run config) and `warnings` go into index.json; `size_col` holds each row's payload
-    bytes, for cutting shards by size."""
+def _write_shards(
+    output: str, ids: list[str], jobs: list, build: SampleBuilder, workers: int
+) -> dict[str, dict[str, Any]]:
+    """Runs write_shard for every job, at most `workers` at a time (0: one per cluster CPU); -> {name: record}."""
     import ray
 
-    parts = staged_files(output)
-    # input order; a key staged twice (a retried task) keeps its first copy
-    table = table.sort_by([("src_file", "ascending"), ("src_row", "ascending"), ("_part", "ascending")])
-    keys = table["key"].to_numpy(zero_copy_only=False)
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    table, keys = table.filter(pa.array(first)), keys[first]
+    records: dict[str, dict[str, Any]] = {}
+    if not jobs:
+        return records
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    ids_ref, build_ref = ray.put(ids), ray.put(build)
+    pending = []
+    for name, segments in jobs:
+        if len(pending) >= workers:
+            done, pending = ray.wait(pending, num_returns=1)
+            for rec in ray.get(done):
+                records[rec["shard"]["path"]] = rec
+        pending.append(remote.remote(output, name, ids_ref, segments, build_ref))
+    for rec in ray.get(pending):
+        records[rec["shard"]["path"]] = rec
+    return records
 
-    reason, added = dedup(table, table["drop_reason"].to_numpy(zero_copy_only=False).astype(object))
-    table = table.set_column(table.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist()))
-    for name, values in added.items():  # e.g. the near-duplicate cluster of each row, into the score store
-        table = table.append_column(name, pa.array(values))
 
-    kept = np.flatnonzero(reason == "")
-    nbytes = table[size_col].to_numpy()[kept] if size_col in table.column_names else np.zeros(len(kept))
-    ranges = plan_shards(nbytes.tolist(), shard_cfg.samples_per_shard, shard_cfg.bytes_per_shard)
-    part_col, row_col = table["_part"].to_numpy(), table["_row"].to_numpy()
+def write_meta_part(
+    output: str, j: int, ids: list[str], units: list[tuple[int, int]], shard_starts: np.ndarray, names: list[str]
+) -> None:
+    """Ray task: meta/part-{j}.parquet from the decided files of `units` [(unit, its first kept rank)], each kept row
+    with its shard's name."""
+    tables = []
+    for u, first_rank in units:
+        t = _read_parquet(decided_uri(output, ids[u]))
+        kept = t["drop_reason"].to_numpy(zero_copy_only=False) == ""
+        shard = np.full(t.num_rows, "", dtype=object)
+        ranks = first_rank + np.arange(int(kept.sum()))
+        shard[kept] = np.asarray(names, dtype=object)[np.searchsorted(shard_starts, ranks, side="right") - 1]
+        t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
+        tables.append(t)
+    if tables:
+        table = pa.concat_tables(tables, promote_options="default")
+    else:  # a run with no rows still has a (empty) score store
+        table = pa.table({c: pa.array([], pa.string()) for c in ("key", "src_file", "drop_reason", "shard")})
+    _write_parquet(storage.join(output, "meta", f"part-{j:06d}.parquet"), table)
 
-    shard_of = np.full(table.num_rows, "", dtype=object)
-    jobs, records = [], {}
-    for i, (a, b) in enumerate(ranges):
-        name = shard_name(corpus, i)
-        idx = kept[a:b]
-        shard_of[idx] = name
-        rows = list(zip(part_col[idx].tolist(), row_col[idx].tolist()))
-        fingerprint = hashlib.sha256("\n".join(keys[idx].tolist()).encode()).hexdigest()
-        rec_uri = _record_uri(output, name)
-        if storage.exists(rec_uri):
-            rec = json.loads(storage.read_bytes(rec_uri))
-            if rec["fingerprint"] == fingerprint and storage.exists(storage.join(output, name)):
-                records[name] = rec  # committed by an earlier run: not redone
-                continue
-        jobs.append((name, rows, fingerprint))
 
-    if jobs:
-        workers = shard_cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
-        parts_ref, build_ref = ray.put(parts), ray.put(build)
-        pending = []
-        for name, rows, fp in jobs:
-            if len(pending) >= workers:
-                done, pending = ray.wait(pending, num_returns=1)
-                for rec in ray.get(done):
-                    records[rec["shard"]["path"]] = rec
-            pending.append(remote.remote(output, name, parts_ref, rows, build_ref, fp))
-        for rec in ray.get(pending):
-            records[rec["shard"]["path"]] = rec
+def _write_meta(
+    output: str, ids: list[str], summaries: list[dict], kept_before: np.ndarray, starts: np.ndarray, names: list[str]
+) -> None:
+    """Meta parts of about META_ROWS rows each, from consecutive units; stale parts of an earlier, larger run go."""
+    import ray
 
-    shards = [ShardInfo(**records[shard_name(corpus, i)]["shard"]) for i in range(len(ranges))]
-    _remove_stale(output, corpus, {s.path for s in shards})
-
-    meta = table.drop_columns([c for c in INTERNAL if c in table.column_names]).append_column(
-        "shard", pa.array(shard_of.tolist(), type=pa.string())
-    )
-    n_meta = max(1, -(-meta.num_rows // META_ROWS))
-    for j in range(n_meta):
-        buf = io.BytesIO()
-        pq.write_table(meta.slice(j * META_ROWS, META_ROWS), buf, compression="zstd")
-        storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
-    written = {f"part-{j:06d}.parquet" for j in range(n_meta)}
-    for f in storage.list_files(storage.join(output, "meta")):
+    groups: list[list[tuple[int, int]]] = [[]]
+    rows = 0
+    for s in summaries:
+        if not s["rows"]:
+            continue
+        if rows and rows + s["rows"] > META_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append((s["unit"], int(kept_before[s["unit"]])))
+        rows += s["rows"]
+    remote = ray.remote(num_cpus=0.5, max_retries=3)(write_meta_part)
+    ids_ref, starts_ref, names_ref = ray.put(ids), ray.put(starts), ray.put(names)
+    ray.get([remote.remote(output, j, ids_ref, g, starts_ref, names_ref) for j, g in enumerate(groups)])
+    written = {f"part-{j:06d}.parquet" for j in range(len(groups))}
+    for f in storage.list_files(storage.join(output, "meta"), recursive=False):
         name = f.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name not in written:  # parts of an earlier, larger run
+        if name.startswith("part-") and name.endswith(".parquet") and name not in written:
             storage.delete(f)
-
-    status = table["download_error"].to_numpy(zero_copy_only=False) if "download_error" in table.column_names else None
-    dropped = Counter(r for r in reason.tolist() if r)
-    funnel = {"rows_in": table.num_rows}
-    if status is not None:
-        attempted = table["download_attempts"].to_numpy() > 0
-        funnel["downloaded"] = int(np.sum(attempted & (status == "")))
-    funnel["dropped"] = dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
-    funnel["kept"] = int(len(kept))
-    tokens = sum(records[s.path]["tokens"] for s in shards)
-    index = build_index(
-        kind,
-        corpus,
-        shards,
-        tokens,
-        funnel=funnel,
-        config=json.loads(json.dumps(to_dict(config), default=str)),  # the resolved run config, as plain JSON
-        warnings=warnings,
-        mm1data_version=__version__,
-    )
-    write_index(output, index)  # last: the run is complete when this exists
-    return index
 
 
 def _remove_stale(output: str, corpus: str, keep: set[str]) -> None:
-    """Shards of an earlier, different plan are not in the index, and temp files of a killed run are
-    partial: remove both so a directory listing (e.g. read_webdataset(dir)) sees only real shards."""
-    for d in (output, storage.join(output, "meta")):
-        for f in storage.list_files(d, recursive=False):
-            name = f.rsplit("/", 1)[-1]
-            stale = (
-                name.startswith(f"{corpus}-") and name.endswith((".tar", ".idx")) and name[:-4] + ".tar" not in keep
-            )
-            if stale or name.startswith(".tmp-"):
-                storage.delete(f)
+    """Shards an earlier, different plan of this output wrote (they have a record) and temporary files of a killed
+    run: remove both, so a directory listing (e.g. read_webdataset(dir)) sees only real shards. Files this project
+    did not write are left alone."""
+    records = storage.list_files(staging_uri(output, "shards"))
+    ours = {f.rsplit("/", 1)[-1][: -len(".json")] for f in records if f.endswith(".json")}
+    for f in storage.list_files(output, recursive=False):
+        name = f.rsplit("/", 1)[-1]
+        tar = name[: -len(".idx")] + ".tar" if name.endswith(".idx") else name
+        if name.startswith(storage.TMP_PREFIX) or (tar in ours and tar not in keep and name.startswith(f"{corpus}-")):
+            storage.delete(f)
+    for f in storage.list_files(storage.join(output, "meta"), recursive=False):
+        if f.rsplit("/", 1)[-1].startswith(storage.TMP_PREFIX):
+            storage.delete(f)
+    for name in ours - keep:
+        storage.delete(_record_uri(output, name))

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+TMP_PREFIX = ".tmp-mm1data-"  # files being written: invisible to readers, removed when a killed run is finished
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
@@ -77,7 +79,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(uri) or ".", prefix=".tmp-", suffix=os.path.basename(uri))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(uri) or ".", prefix=TMP_PREFIX, suffix=os.path.basename(uri))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -99,7 +101,7 @@ def put_file(local_path: str, uri: str) -> None:
     try:
         os.replace(local_path, uri)
     except OSError:  # another filesystem: copy under a temp name next to the target, then rename
-        tmp = os.path.join(os.path.dirname(uri), ".tmp-" + os.path.basename(uri))
+        tmp = os.path.join(os.path.dirname(uri), TMP_PREFIX + os.path.basename(uri))
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, uri)
         os.unlink(local_path)
@@ -116,6 +118,11 @@ def local_tmp_dir(uri: str) -> str:
 
 def list_files(uri: str, recursive: bool = True) -> list[str]:
     """Sorted files under a directory or prefix, or matching a glob, or the file itself."""
+    return [u for u, _ in list_sizes(uri, recursive)]
+
+
+def list_sizes(uri: str, recursive: bool = True) -> list[tuple[str, int]]:
+    """list_files with each file's size in bytes (from the listing itself: no request per file)."""
     has_glob = any(c in uri for c in "*?[")
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -132,15 +139,17 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
                     continue
                 if not has_glob and k != key and not k.startswith(key.rstrip("/") + "/"):
                     continue
-                out.append(f"s3://{bucket}/{k}")
+                out.append((f"s3://{bucket}/{k}", int(obj["Size"])))
         return sorted(out)
     if has_glob:
         import glob
 
-        return sorted(p for p in glob.glob(uri, recursive=True) if os.path.isfile(p))
-    if os.path.isdir(uri):
-        return sorted(str(p) for p in (Path(uri).rglob("*") if recursive else Path(uri).iterdir()) if p.is_file())
-    return [uri] if os.path.isfile(uri) else []
+        paths = sorted(p for p in glob.glob(uri, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(uri):
+        paths = sorted(str(p) for p in (Path(uri).rglob("*") if recursive else Path(uri).iterdir()) if p.is_file())
+    else:
+        paths = [uri] if os.path.isfile(uri) else []
+    return [(p, os.path.getsize(p)) for p in paths]
 
 
 def delete(uri: str) -> None:
@@ -180,12 +189,12 @@ def read_range(uri: str, start: int, stop: int) -> bytes:
         return f.read(stop - start)
 
 
-def open_seekable(uri: str) -> IO[bytes]:
+def open_seekable(uri: str, buffer_size: int = 1 << 20) -> IO[bytes]:
     """A seekable binary file (parquet reads only the footer and the columns it needs): a local file, or an
     S3 object read by ranged GETs through the same boto3 client as everything else."""
     if not is_s3(uri):
-        return open(uri, "rb")
-    return io.BufferedReader(_S3RangeReader(uri), buffer_size=1 << 20)
+        return open(uri, "rb", buffering=buffer_size)
+    return io.BufferedReader(_S3RangeReader(uri), buffer_size=buffer_size)
 
 
 class _S3RangeReader(io.RawIOBase):
@@ -219,3 +228,11 @@ class _S3RangeReader(io.RawIOBase):
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+def size(uri: str) -> int:
+    """Size in bytes of a file or object."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return os.path.getsize(uri)

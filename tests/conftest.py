@@ -87,7 +87,7 @@ def ray_session(s3_server):
     """One local Ray for the whole suite (started after the S3 env so workers inherit it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mm1data.config import ConfigError
-from mm1data.dedup import mark_duplicates
 from mm1data.pipelines import load_run_config
 
 
@@ -32,10 +30,3 @@ def test_shipped_caption_config_and_overrides():
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_run_config("pipelines/caption.yaml", [override])
-
-
-def test_dedup_keeps_first_kept_copy():
-    reason = np.array(["", "", "", "x", "", "", ""], dtype=object)
-    out = mark_duplicates(np.array([*"abacbc", ""], dtype=object), reason, "dup")
-    # the dropped 'c' (row 3) does not knock out the kept 'c' (row 5); empty values never match
-    assert list(out) == ["", "", "dup", "x", "dup", "", ""]

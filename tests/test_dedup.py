@@ -12,10 +12,7 @@ import xxhash
 from mm1data import dedup
 from mm1data.dedup import (
     MinHashConfig,
-    cluster_ids,
     join_clusters,
-    mark_duplicates,
-    mark_near_duplicates,
     minhash_bands,
     minhash_signatures,
     near_duplicates,
@@ -71,9 +68,7 @@ def test_fingerprints_fold_case_space_punctuation_only() -> None:
     assert fp[0] == xxhash.xxh3_128_hexdigest(b"hello world")
     assert fp[1] == fp[2] == fp[0]
     assert len({fp[0], fp[3], fp[4]}) == 3
-    assert list(fp[5:]) == ["", ""]  # no words: ignored by mark_duplicates
-    reason = mark_duplicates(fp, np.array([""] * 7, dtype=object), "dup_text")
-    assert list(reason) == ["", "dup_text", "dup_text", "", "", "", ""]
+    assert list(fp[5:]) == ["", ""]  # no words: no key, never a duplicate
 
 
 # --- signatures ------------------------------------------------------------------------------------------------
@@ -229,13 +224,53 @@ def test_band_rows_accept_list_and_tensor_columns() -> None:
         dedup._BandRows("pos", "mh_bands", bands=4, parts=1)({"pos": np.array([4, 9]), "mh_bands": bands})
 
 
-def test_cluster_ids_and_mark_near_duplicates() -> None:
-    pos = np.array([0, 1, 2, 3, 4, 5])
-    cluster = cluster_ids(pos, np.array([1, 3, 4, 5]), np.array([1, 1, 4, 4]))
-    assert cluster.tolist() == [-1, 1, -1, 1, 4, 4]
-    reason = np.array(["", "", "", "", "", "lang"], dtype=object)
-    assert mark_near_duplicates(pos, cluster, reason).tolist() == ["", "", "", "dup_near", "", "lang"]
-    assert cluster_ids(pos, np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == [-1] * 6
+def roots_of(ds) -> tuple[list[int], list[int]]:
+    """A Dataset of (id, root) rows -> (ids ascending, each one's root)."""
+    rows = sorted((int(r["id"]), int(r["root"])) for r in ds.take_all())
+    return [i for i, _ in rows], [r for _, r in rows]
+
+
+def test_exact_dedup_on_ray_keeps_the_first_kept_copy(ray_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal values in several shuffle groups: every copy after the first (smallest pos) is marked; empty values
+    never match; a copy a filter dropped (not a candidate) never knocks out a kept one."""
+    import ray
+
+    monkeypatch.setattr(dedup, "ROWS_PER_GROUP", 3)  # several groups
+    values = ["a", "b", "a", "c", "b", "c", "", "", "a", "d"]
+    pos = np.array([50, 10, 30, 40, 20, 60, 70, 80, 5, 90], dtype=np.int64)  # not in input order
+    step = dedup.ExactDedup("v", "dup_v")
+    cols = step.candidates(pa.table({"v": values}), "_s0_")
+    ds = ray.data.from_arrow(pa.table({"pos": pos, **cols})).repartition(3)
+    kept, marks = step.apply(ds, "_s0_", len(pos), keys=None)
+    dup = sorted(int(p) for p in marks.to_pandas()["pos"])
+    # a: 5 first, so 30, 50 are copies; b: 10 then 20; c: 40 then 60; "" (70, 80) and d: no copies
+    assert dup == [20, 30, 50, 60]
+    assert set(marks.to_pandas()["reason"]) == {"dup_v"}
+    assert sorted(int(p) for p in kept.to_pandas()["pos"]) == [5, 10, 40, 70, 80, 90]
+
+
+@pytest.mark.parametrize("shape", ["chains", "stars", "random"])
+def test_connected_components_on_ray_equal_scipy(ray_session, monkeypatch: pytest.MonkeyPatch, shape: str) -> None:
+    """The large-star / small-star rounds give every id the smallest id of its component, as scipy does."""
+    import ray
+
+    monkeypatch.setattr(dedup, "LOCAL_CC_EDGES", 0)  # force the distributed path
+    monkeypatch.setattr(dedup, "CC_ROWS_PER_GROUP", 50)  # several groups per round
+    rng = np.random.default_rng({"chains": 1, "stars": 2, "random": 3}[shape])
+    nodes = rng.permutation(400).astype(np.int64) * 7 + 3  # ids in no particular order
+    if shape == "chains":  # long paths: the most rounds
+        src, dst = nodes[1:200], nodes[:199]
+        src, dst = np.r_[src, nodes[201:]], np.r_[dst, nodes[200:-1]]
+    elif shape == "stars":
+        centre = nodes[rng.integers(0, 10, 390)]
+        src, dst = nodes[10:], centre
+    else:
+        src, dst = nodes[rng.integers(0, 400, 300)], nodes[rng.integers(0, 400, 300)]
+        src, dst = src[src != dst], dst[src != dst]
+    edges = ray.data.from_arrow(pa.table({"src": src, "dst": dst})).repartition(4)
+    ids, roots = roots_of(dedup.connected_components(edges))
+    want_ids, want_roots = join_clusters(src, dst)
+    assert ids == want_ids.tolist() and roots == want_roots.tolist()
 
 
 def edit(rng: np.random.Generator, w: list[str], n_edits: int) -> list[str]:
@@ -292,9 +327,7 @@ def test_near_duplicates_on_ray(ray_session, monkeypatch: pytest.MonkeyPatch) ->
     pos = np.r_[np.arange(len(texts)), extra_ids].astype(np.int64)
     all_bands = np.concatenate([bands, extra])
     table = pa.table({"pos": pos, "mh_bands": pa.FixedSizeListArray.from_arrays(pa.array(all_bands.ravel()), 14)})
-    ids, cluster = near_duplicates(ray.data.from_arrow(table).repartition(3), CFG)
+    ids, cluster = roots_of(near_duplicates(ray.data.from_arrow(table).repartition(3), CFG))
 
-    assert ids.tolist() == [3, 7, 12, 39, 40, 41, 42, 43, 44, 101, 103, 105]
-    assert cluster.tolist() == [3, 7, 12, 39, 3, 7, 7, 12, 39, 101, 101, 101]
-    reason = mark_near_duplicates(pos, cluster_ids(pos, ids, cluster), np.full(len(pos), "", dtype=object))
-    assert np.flatnonzero(reason == "dup_near").tolist() == [40, 41, 42, 43, 44, 48, 49]  # 48, 49: ids 105, 103
+    assert ids == [3, 7, 12, 39, 40, 41, 42, 43, 44, 101, 103, 105]
+    assert cluster == [3, 7, 12, 39, 3, 7, 7, 12, 39, 101, 101, 101]

@@ -11,6 +11,7 @@ import pytest
 
 from mm1data.config import ConfigError
 from mm1data.read import InputConfig, plan_units, read_unit
+from mm1data.schema import make_key
 
 ROWS = [{"url": f"http://h/{i}.jpg", "caption": f"caption {i}", "id": i} for i in range(7)]
 
@@ -19,8 +20,9 @@ def read_all(path, **kw) -> dict:
     cfg = InputConfig(path=str(path), **kw)
     out: dict = {}
     for u in plan_units(cfg):
-        for k, v in read_unit(u, cfg).items():
-            out.setdefault(k, []).extend(v.tolist())
+        for batch in read_unit(u, cfg):
+            for k, v in batch.items():
+                out.setdefault(k, []).extend(v.tolist())
     return out
 
 
@@ -38,18 +40,46 @@ def write(tmp_path, fmt: str, rows=ROWS):
     return p
 
 
+def line_offsets(path) -> list[int]:
+    """Where each line of a file starts: a plain jsonl row's src_row."""
+    data = open(path, "rb").read()
+    return [0] + [i + 1 for i, c in enumerate(data[:-1]) if c == ord("\n")]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl.gz", "csv", "tsv"])
 def test_formats_read_the_same_rows_with_stable_keys(tmp_path, fmt):
     p = write(tmp_path, fmt)
     whole = read_all(p)
-    split = read_all(p, rows_per_unit=2)  # many units, byte ranges / row groups
+    units = plan_units(InputConfig(path=str(p), rows_per_unit=2, bytes_per_unit=50))
+    assert len(units) == {"parquet": 3, "jsonl": 9}.get(fmt, 1)  # row groups; byte ranges cut inside lines
+    split = read_all(p, rows_per_unit=2, bytes_per_unit=50)
     assert whole["url"] == split["url"] == [r["url"] for r in ROWS]
     assert whole["caption"] == [r["caption"] for r in ROWS]
     assert whole["key"] == split["key"] and len(set(whole["key"])) == 7
     assert all(len(k) == 16 and all(c in "0123456789abcdef" for c in k) for k in whole["key"])
-    assert whole["src_row"] == list(range(7))
+    assert whole["src_row"] == (line_offsets(p) if fmt == "jsonl" else list(range(7)))
+    assert whole["key"] == [make_key(f"in.{fmt}", r) for r in whole["src_row"]]
     assert json.loads(whole["extra"][3])["id"] in (3, "3")
     assert whole["drop_reason"] == [""] * 7
+
+
+@pytest.mark.parametrize("step", [1, 7, 50, 59, 60, 61, 1000])
+def test_byte_ranges_give_every_line_to_exactly_one_unit(tmp_path, step):
+    """Whatever the cut (inside a line, on a newline, right after one), each line is read once, by the unit where
+    it starts, with the same key."""
+    p = write(tmp_path, "jsonl")
+    got = read_all(p, bytes_per_unit=step)
+    assert got["url"] == [r["url"] for r in ROWS] and got["src_row"] == line_offsets(p)
+
+
+def test_rows_already_staged_are_skipped_by_position(tmp_path):
+    for fmt in ("parquet", "jsonl", "jsonl.gz", "csv"):
+        p = write(tmp_path, fmt)
+        cfg = InputConfig(path=str(p))
+        rows = read_all(p)["src_row"]
+        skip = rows[1::2]
+        left = [r for u in plan_units(cfg) for b in read_unit(u, cfg, skip) for r in b["src_row"].tolist()]
+        assert left == rows[0::2], fmt
 
 
 def test_csv_quoted_newlines_split_exactly(tmp_path):
@@ -122,8 +152,48 @@ def test_s3_inputs_of_every_format(s3_server, tmp_path):
     s3.create_bucket(Bucket="inputs")
     for fmt in ("jsonl", "jsonl.gz", "csv", "parquet"):
         s3.upload_file(str(write(tmp_path, fmt)), "inputs", f"many/in.{fmt}")
-    got = read_all("s3://inputs/many/", rows_per_unit=3)
+    got = read_all("s3://inputs/many/", rows_per_unit=3, bytes_per_unit=100)
     assert got["src_file"][:: len(ROWS)] == ["in.csv", "in.jsonl", "in.jsonl.gz", "in.parquet"]
     assert got["url"] == [r["url"] for r in ROWS] * 4 and got["drop_reason"] == [""] * 28
     with pytest.raises(ConfigError, match="cannot read input location 's3://missing-bucket/x'"):
         plan_units(InputConfig(path="s3://missing-bucket/x"))
+
+
+def test_every_input_record_is_read_or_counted(tmp_path):
+    """A UTF-8 BOM, a .json file holding a JSON array, lines of separator characters, an RFC 7464 record separator:
+    each record becomes a row (with a reason when it cannot be read); only lines of ASCII blanks are not records."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS[:3]).encode())
+    assert read_all(bom)["drop_reason"] == ["", "", ""]
+    csv_bom = tmp_path / "bom.csv"
+    csv_bom.write_bytes(b"\xef\xbb\xbfurl,caption\nhttp://a/1,one\n")
+    assert read_all(csv_bom)["url"] == ["http://a/1"]  # the BOM did not hide the column name
+
+    arr = tmp_path / "list.json"
+    arr.write_text(json.dumps(ROWS[:4] + [17, {"caption": "no url"}]))
+    got = read_all(arr)
+    assert got["url"][:4] == [r["url"] for r in ROWS[:4]] and got["src_row"] == list(range(6))
+    assert got["drop_reason"] == ["", "", "", "", "malformed_row", "missing_url"]
+    gz_arr = tmp_path / "list.json.gz"
+    gz_arr.write_bytes(gzip.compress(json.dumps(ROWS[:2]).encode()))
+    assert read_all(gz_arr)["url"] == [r["url"] for r in ROWS[:2]]
+
+    odd = tmp_path / "odd.jsonl"
+    lines = [json.dumps(ROWS[0]), "\x1e", "\x1c\x1d", "\u2028", "   \t", "", "\x1e" + json.dumps(ROWS[1]), "\x0c"]
+    odd.write_text("\n".join(lines) + "\n")
+    got = read_all(odd)
+    # lines of separators are rows (malformed), the blank ones are not records, a json-seq record reads
+    assert got["drop_reason"] == ["", "malformed_row", "malformed_row", "malformed_row", "", "malformed_row"]
+    assert got["url"][4] == ROWS[1]["url"]
+
+
+def test_a_huge_line_is_a_row_not_a_memory_blowup(tmp_path, monkeypatch):
+    import mm1data.read as read
+
+    monkeypatch.setattr(read, "MAX_RECORD_BYTES", 1000)
+    big = json.dumps({"url": "http://a/big", "caption": "x" * 5000})
+    for name, data in [("big.jsonl", None), ("big.jsonl.gz", "gz")]:
+        body = (json.dumps(ROWS[0]) + "\n" + big + "\n" + json.dumps(ROWS[1]) + "\n").encode()
+        (tmp_path / name).write_bytes(gzip.compress(body) if data else body)
+        got = read_all(tmp_path / name, bytes_per_unit=64)
+        assert got["drop_reason"] == ["", "too_large", ""] and got["url"][2] == ROWS[1]["url"], name

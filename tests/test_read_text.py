@@ -23,8 +23,9 @@ def read_all(path, **kw) -> dict:
     cfg = TextInputConfig(path=str(path), **kw)
     out: dict = {}
     for u in plan_units(cfg):
-        for k, v in read_text_unit(u, cfg).items():
-            out.setdefault(k, []).extend(v.tolist())
+        for batch in read_text_unit(u, cfg):
+            for k, v in batch.items():
+                out.setdefault(k, []).extend(v.tolist())
     return out
 
 
@@ -43,7 +44,7 @@ def test_jsonl_bad_documents_get_reasons_and_the_file_goes_on(tmp_path):
         json.dumps({"text": GOOD + " Again."}),
     ]
     p.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff\xfe bytes"}\n')
-    out = read_all(p, id_col="id", max_bytes=1000, rows_per_unit=4)
+    out = read_all(p, id_col="id", max_bytes=1000, bytes_per_unit=200)
     assert out["drop_reason"] == [
         "",
         "empty_text",
@@ -59,8 +60,9 @@ def test_jsonl_bad_documents_get_reasons_and_the_file_goes_on(tmp_path):
     ]
     assert out["text"][0] == GOOD and out["text"][7] == "" and out["text_bytes"][7] == 2000
     assert out["id"][0] == "a" and json.loads(out["extra"][0]) == {"lang": "en"}
-    assert out["key"] == [make_key("docs.jsonl", i) for i in range(11)]
-    assert out["src_row"] == list(range(11))
+    starts = np.r_[0, np.cumsum([len(line.encode()) + 1 for line in lines])].tolist()
+    assert out["src_row"] == starts  # the byte where each line starts
+    assert out["key"] == [make_key("docs.jsonl", r) for r in starts]
 
 
 def test_parquet_and_gz_and_missing_column(tmp_path):
@@ -137,11 +139,27 @@ def test_warc_and_wet_records(tmp_path, name):
     assert without_html["drop_reason"][1] == "not_text"
 
 
-def test_text_units_have_exact_byte_ranges(tmp_path):
+def test_text_units_are_byte_ranges_planned_without_reading(tmp_path, monkeypatch):
     p = tmp_path / "d.jsonl"
     texts = [f"document number {i} " + "é" * i for i in range(25)]
     p.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    units = plan_units(TextInputConfig(path=str(p), rows_per_unit=7))
-    assert [(u.start, u.stop) for u in units] == [(0, 7), (7, 14), (14, 21), (21, 25)]
-    assert read_all(p, rows_per_unit=7)["text"] == texts
-    assert np.array_equal(read_all(p, rows_per_unit=7)["src_row"], np.arange(25))
+    size = p.stat().st_size
+    units = plan_units(TextInputConfig(path=str(p), bytes_per_unit=300))
+    assert [(u.start, u.stop) for u in units] == [(a, min(a + 300, size)) for a in range(0, size, 300)]
+    got = read_all(p, bytes_per_unit=300)
+    assert got["text"] == texts
+    starts = np.r_[0, np.cumsum([len((json.dumps({"text": t}, ensure_ascii=False) + "\n").encode()) for t in texts])]
+    assert got["src_row"] == starts[:-1].tolist()  # each document's position: the byte where its line starts
+
+    # gzip and WARC files are one unit each, planned from the listing (no read beyond the first 64 KB)
+    import mm1data.storage as storage
+
+    write_warc(tmp_path / "c.warc.gz")
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(p.read_bytes()))
+    reads = []
+    real = storage.read_range
+    monkeypatch.setattr(storage, "open_read", lambda *a: reads.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(storage, "read_range", lambda uri, a, b: reads.append((uri, a, b)) or real(uri, a, b))
+    units = plan_units(TextInputConfig(path=str(tmp_path / "*.gz")))
+    assert [(u.fmt, u.start, u.stop) for u in units] == [("warc", 0, 0), ("jsonl.gz", 0, 0)]
+    assert all(b <= 65536 for _, _, b in reads)

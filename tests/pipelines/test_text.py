@@ -23,10 +23,14 @@ def test_text_end_to_end_local(ray_session, tmp_path):
     inp = tmp_path / "docs.jsonl"
     inp.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
-    overrides = ["shards.samples_per_shard=40", "input.rows_per_unit=50", "input.id_col=id", "batch_size=64"]
+    overrides = ["shards.samples_per_shard=40", "input.bytes_per_unit=20000", "input.id_col=id", "batch_size=64"]
     index = run_pipeline("pipelines/text.yaml", str(inp), out, overrides)
 
-    meta = {m["src_row"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
+    starts = [0]  # a jsonl row's position is the byte where its line starts
+    for line in lines:
+        starts.append(starts[-1] + len(line.encode()) + 1)
+    line_of = {b: i for i, b in enumerate(starts)}
+    meta = {line_of[m["src_row"]]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
     assert len(meta) == len(lines) == index["funnel"]["rows_in"]
     assert {i: m["drop_reason"] for i, m in meta.items()} == {i: expect.get(i, "") for i in range(len(lines))}
     assert {"dup_text", "dup_near", "gopher_words", "lang", "empty_text", "binary_text", "malformed_row"} <= set(
@@ -38,12 +42,13 @@ def test_text_end_to_end_local(ray_session, tmp_path):
     for m in near:
         head = by_key[m["dup_cluster"]]
         assert head["drop_reason"] == "" and head["dup_cluster"] == head["key"] and head["src_row"] < m["src_row"]
+    assert len(near) == list(expect.values()).count("dup_near")
     assert all(m["dup_cluster"] == "" for m in meta.values() if m["drop_reason"] not in ("", "dup_near"))
 
     kept = [i for i in range(len(lines)) if expect.get(i, "") == ""]
     paths = [os.path.join(out, s["path"]) for s in index["shards"]]
     samples = list(wds.WebDataset(paths, shardshuffle=False))
-    assert [s["__key__"] for s in samples] == [make_key("docs.jsonl", i) for i in kept]  # input order
+    assert [s["__key__"] for s in samples] == [make_key("docs.jsonl", starts[i]) for i in kept]  # input order
     texts = [json.loads(lines[i])["text"] for i in kept]
     assert [s["txt"].decode() for s in samples] == texts
     first = json.loads(samples[0]["json"])

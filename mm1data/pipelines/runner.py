@@ -1,0 +1,207 @@
+"""One runner for every corpus kind. A kind declares only what is its own (its config, staged columns, reader, per-row
+stages with their resources, sample builder, dedup steps); the runner owns the rest: the filter chain, planning, the
+fingerprint, resume, the per-row half on Ray Data, the corpus-wide half (split.py), warnings, the funnel, index.json.
+
+    read -> [stages placed "before"] -> filters -> [stages placed "score" (+ the filters on their columns)]
+         -> [stages placed "after"] -> staging            ... then split.finalize: dedup -> shards -> meta -> index
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from mm1data import storage
+from mm1data.config import ConfigError, to_dict
+from mm1data.filters import FilterConfig, apply_chain, parse_chain
+from mm1data.lease import OutputLease
+from mm1data.read import Unit, plan_units
+from mm1data.registry import get_filter
+from mm1data.split import SampleBuilder, ShardConfig, finalize
+from mm1data.stage import Batch
+from mm1data.staging import check_run, mark_staged, pending_units, read_pending, unit_specs, write_staging
+
+log = logging.getLogger(__name__)
+CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every corpus job has; a kind's Config extends it with its own sections (input, download, clip, ...)."""
+
+    pipeline: str = ""  # the corpus kind (caption | text)
+    corpus: str = ""  # shard name prefix: {corpus}-000000.tar (letters, digits, _ . -; no path)
+    output: str = ""  # corpus root, local or s3:// (the --output flag sets it)
+    filters: str | tuple[dict, ...] = ()  # a chain file (path or preset name in filters/) or an inline list
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+    def __post_init__(self) -> None:
+        if not CORPUS_NAME.fullmatch(self.corpus) or ".." in self.corpus:
+            raise ValueError(
+                f"corpus must be a plain name of letters, digits, '_', '.' or '-' (no '/' or '..'), got "
+                f"{self.corpus[:100]!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A per-row stage: a map_batches callable and the resources it asks for. A function runs as Ray tasks
+    (fn(batch, cfg=cfg)); a class runs on an actor pool of `actors` (min, max) actors (cls(cfg=cfg) once per actor,
+    so models load there)."""
+
+    fn: Callable[..., Batch] | type
+    cfg: Any
+    place: Literal["before", "score", "after"]  # before the filters | thresholded by filters | after every filter
+    batch_size: int = 256
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    actors: tuple[int, int] | None = None  # actor pool size (min, max) for a class
+    provides: tuple[str, ...] = ()  # columns filters may need (e.g. clip_score)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A corpus kind, as a declaration the runner executes."""
+
+    name: str
+    config: type  # a RunConfig subclass
+    columns: dict[str, pa.DataType]  # staged columns besides key/src_file/src_row/drop_reason/extra; str/bytes/lists
+    payload: tuple[str, ...]  # the tar members' columns: never read by the corpus-wide half
+    size_col: str  # bytes of a row's payload, for cutting shards by size (the payload's length if no stage sets it)
+    read: Callable[[Unit, Any, Iterable[int]], Iterator[Batch]]  # (unit, cfg.input, staged src_rows) -> batches
+    stages: Callable[[Any, int], list[Stage]]  # (cfg, cluster CPUs) -> the per-row stages
+    sample: SampleBuilder  # a staged row -> tar members and text tokens
+    dedup: Callable[[Any], list]  # cfg -> ExactDedup / NearDedup steps, in order
+    fingerprint: Callable[[Any], dict[str, Any]]  # the per-row config sections that staged rows depend on
+    batch_size: Callable[[Any], int]  # rows per filter and staging batch
+    read_cpus: float = 0.25  # per reading task (WARC HTML extraction is CPU work; jsonl/parquet mostly I/O)
+    filter_cpus: float = 0.25
+    funnel: Callable[[pa.Table], dict[str, int]] = lambda t: {}  # kind counts for the funnel (e.g. downloaded)
+    enables: dict[str, str] = field(default_factory=dict)  # a scorer column -> the setting that computes it
+    warnings: Callable[[Any], list[str]] = lambda cfg: []
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers may run elsewhere); s3:// URIs and names stay as they are."""
+    if not path or storage.is_s3(path) or "://" in path or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
+def init_ray(address: str | None) -> None:
+    """A local Ray of our own unless an address is given (`auto`, `ray://...`); reuses one this process started.
+    A bare ray.init() would join any cluster running on the machine, whose workers have another working dir."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", log_to_driver=True, include_dashboard=False)
+
+
+def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
+    """Run (or finish, after a crash) a corpus job; returns the index.json it wrote."""
+    chain = parse_chain(cfg.filters, search_dirs)
+    provided = {c for s in kind.stages(cfg, 1) for c in s.provides}
+    for c in chain:
+        missing = sorted(set(get_filter(c.name).needs) - provided)
+        if missing:
+            how = "; ".join(f"{m} needs {kind.enables[m]}" for m in missing if m in kind.enables)
+            raise ConfigError(f"filter {c.name} needs {', '.join(missing)}, not computed with this config ({how})")
+    units = plan_units(cfg.input)
+    fingerprint = {
+        "input": to_dict(cfg.input),
+        "units": hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest(),
+        "filters": to_dict(chain),
+        **kind.fingerprint(cfg),
+    }
+    lease = OutputLease(cfg.output)
+    with lease:
+        try:
+            run_id = check_run(cfg.output, fingerprint, cfg.corpus)
+        except ConfigError:
+            lease.release_unused()
+            raise
+        init_ray(address)
+        stage_rows(kind, cfg, chain, units)
+        lease.check()
+        t0 = time.perf_counter()
+        resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))  # the chain inline, as it ran
+        index = finalize(kind, resolved, units, run_id, kind.warnings(cfg), lease.check)
+        log.info("dedup, %d shards, meta and index.json in %.1fs", len(index["shards"]), time.perf_counter() - t0)
+    return index
+
+
+def stage_rows(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Unit]) -> None:
+    """The per-row half: every unit not yet staged, through the stage graph, into staging."""
+    todo = pending_units(cfg.output, units)
+    log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
+    if todo:
+        t0 = time.perf_counter()
+        staged = sum(int(b["rows"].sum()) for b in build(kind, cfg, chain, todo).iter_batches(batch_size=None))
+        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
+    mark_staged(cfg.output, len(units))
+
+
+def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Unit]):
+    """The per-row stage graph as a lazy ray.data.Dataset ending in the staging writer."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    stages = kind.stages(cfg, cpus)
+    batch = kind.batch_size(cfg)
+
+    def filters(ds, names: set[str] | None):  # the chain's filters on these scorer columns (None: on none)
+        part = tuple(
+            c for c in chain if (set(get_filter(c.name).needs) & names if names else not get_filter(c.name).needs)
+        )
+        if not part:
+            return ds
+        return ds.map_batches(apply_chain, fn_kwargs={"cfg": part}, batch_size=batch, num_cpus=kind.filter_cpus)
+
+    def apply(ds, s: Stage):
+        if isinstance(s.fn, type):
+            compute = ActorPoolStrategy(min_size=s.actors[0], max_size=s.actors[1])
+            kwargs = {"fn_constructor_kwargs": {"cfg": s.cfg}, "compute": compute, "zero_copy_batch": False}
+        else:
+            kwargs = {"fn_kwargs": {"cfg": s.cfg}}
+        return ds.map_batches(s.fn, batch_size=s.batch_size, num_cpus=s.num_cpus, num_gpus=s.num_gpus, **kwargs)
+
+    ds = ray.data.from_items(unit_specs(units), override_num_blocks=len(units))  # -> unit
+    ds = ds.map_batches(  # -> key, src_file, src_row, drop_reason, extra, the kind's input columns, _unit
+        read_pending,
+        batch_size=1,
+        num_cpus=kind.read_cpus,
+        fn_kwargs={"reader": kind.read, "cfg": cfg.input, "output": cfg.output},
+    )
+    if stages and isinstance(stages[0].fn, type):
+        # Ray Data does not split a block across actors, and a unit can be a whole parquet row group: cut the
+        # blocks to the first stage's batch (streaming, no barrier) so that every actor gets work
+        ds = ds.repartition(target_num_rows_per_block=stages[0].batch_size)
+    for s in (s for s in stages if s.place == "before"):  # -> + e.g. image, width, height, sha256, download_*
+        ds = apply(ds, s)
+    ds = filters(ds, None)  # -> + a score column per filter, drop_reason
+    for s in (s for s in stages if s.place == "score"):  # -> + e.g. clip_score, then the filters thresholding it
+        ds = filters(apply(ds, s), set(s.provides))
+    for s in (s for s in stages if s.place == "after"):  # -> + e.g. text_hash, mh_bands
+        ds = apply(ds, s)
+    return ds.map_batches(  # -> rows (one count per batch committed to staging)
+        write_staging,
+        batch_size=batch,
+        num_cpus=0.25,
+        fn_kwargs={"output": cfg.output, "types": kind.columns, "size_col": kind.size_col, "payload": kind.payload},
+    )
+
+
+def fingerprint_of(*sections: Any) -> str:
+    """A short stable hash of config sections (for naming derived state)."""
+    return hashlib.sha256(json.dumps(to_dict(list(sections)), sort_keys=True, default=str).encode()).hexdigest()[:16]
