@@ -24,6 +24,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import numpy as np
 from PIL import Image
 
+from mm1data.config import check
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,14 @@ class DownloadConfig:
     user_agent: str = USER_AGENT
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"download.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.encode_format not in ("jpg", "png", "webp"):
-            raise ValueError(f"download.encode_format must be jpg, png or webp, got {self.encode_format!r}")
+        for key in ("threads", "batch_size", "max_bytes", "max_pixels", "image_size"):
+            check(self, key, ge=1)
+        for key in ("workers", "retries", "max_redirects", "backoff_s", "max_backoff_s"):
+            check(self, key, ge=0)
+        check(self, "timeout_s", gt=0)
+        check(self, "encode_quality", ge=0, le=100)
+        check(self, "resize_mode", choices=RESIZE_MODES)
+        check(self, "encode_format", choices=("jpg", "png", "webp"))
 
 
 class FetchError(Exception):

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mm1data import storage
 from mm1data.config import ConfigError, from_dict, read_yaml, to_dict
@@ -82,7 +81,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     when it exists there, else against the working directory (DESIGN.md's `data/caption/index.json`, run from the
     repo root); when it is in neither, the error names both."""
     path = str(path)
-    m = Manifest.from_dict(yaml.safe_load(storage.read_bytes(path)) if storage.is_s3(path) else read_yaml(path))
+    m = Manifest.from_dict(read_yaml(path))  # local or s3://; bounded (config.load_yaml)
     base = path.rsplit("/", 1)[0] if storage.is_s3(path) else os.path.dirname(os.path.abspath(path))
     return dataclasses.replace(m, sources=tuple(dataclasses.replace(s, index=_resolve(s, base)) for s in m.sources))
 

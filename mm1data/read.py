@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mm1data import storage
-from mm1data.config import ConfigError
+from mm1data.config import ConfigError, check
 from mm1data.schema import make_key
 from mm1data.stage import Batch
 
@@ -49,6 +49,10 @@ class InputConfig:
     extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
     rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
 
+    def __post_init__(self) -> None:
+        check(self, "rows_per_unit", ge=1)
+        check(self, "format", choices=("auto", "parquet", "jsonl", "jsonl.gz", "csv", "tsv"))
+
     def required_cols(self) -> tuple[str, ...]:
         return (self.url_col, self.caption_col)
 
@@ -64,6 +68,11 @@ class TextInputConfig:
     rows_per_unit: int = 2000  # rows per work unit (a Ray read task and its staging granularity)
     max_bytes: int = 10_000_000  # a longer document is dropped as too_large (its text is not kept)
     html: bool = True  # WARC text/html responses: extract the main text with trafilatura (else not_text)
+
+    def __post_init__(self) -> None:
+        check(self, "rows_per_unit", ge=1)
+        check(self, "max_bytes", ge=1)
+        check(self, "format", choices=("auto", "parquet", "jsonl", "jsonl.gz", "warc"))
 
     def required_cols(self) -> tuple[str, ...]:
         return (self.text_col,)
