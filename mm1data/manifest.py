@@ -17,6 +17,7 @@ from mm1data import storage
 from mm1data.config import ConfigError, from_dict, read_yaml, to_dict
 from mm1data.packing import SequenceConfig
 from mm1data.schema import KINDS
+from mm1data.shards import shard_uri
 
 # What a weight counts -> the index.json `totals` entry that measures it. A source's draw probability is its
 # weight divided by its mean units per sample, so the mixed stream delivers `unit` in the weights' ratio.
@@ -197,9 +198,9 @@ def check_shards(source: ResolvedSource) -> list[str]:
     (8 bytes per sample + 8) must exist with its size. Returns one message per problem, naming the file."""
     want = {}
     for sh in source.shards:
-        want[storage.join(source.root, sh["path"])] = (int(sh["bytes"]), "index.json lists {}")
+        want[shard_uri(source.root, sh["path"], source.index_uri)] = (int(sh["bytes"]), "index.json lists {}")
         idx = sh.get("offsets") or sh["path"][: -len(".tar")] + ".idx"
-        want[storage.join(source.root, idx)] = (
+        want[shard_uri(source.root, idx, source.index_uri)] = (
             8 * (int(sh["num_samples"]) + 1),
             f"expected {{}} for {sh['num_samples']} samples",
         )
