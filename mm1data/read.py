@@ -2,18 +2,24 @@
 
 Units are small and deterministic, so reading parallelises on Ray and every row has a stable key derived
 from (input file relative to the input root, row number). Per-row problems become drop reasons here:
-malformed_row (bad JSON line or CSV record), missing_url, caption_utf8 (invalid UTF-8), empty_caption; for text
-documents text_utf8, empty_text, binary_text, too_large, not_text (a WARC record that holds no text).
+malformed_row (bad JSON line or CSV record), missing_url, caption_type (a list, object, number or bool where the
+caption should be), caption_utf8 (invalid UTF-8), empty_caption (nothing visible: empty, whitespace, or only
+control and format characters such as NUL); for text documents text_utf8, empty_text, binary_text, too_large,
+not_text (a WARC record that holds no text).
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import gzip
 import io
 import json
+import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -316,7 +322,9 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
             urls.append(""), caps.append(""), extras.append("{}"), reasons.append("malformed_row")
             continue
         url, url_ok = _text(rec.get(cfg.url_col))
-        cap, cap_ok = _text(rec.get(cfg.caption_col))
+        raw_cap = rec.get(cfg.caption_col)
+        cap_type_ok = raw_cap is None or isinstance(raw_cap, (str, bytes))  # not a list, dict, number or bool
+        cap, cap_ok = _text(raw_cap) if cap_type_ok else ("", True)
         extra_names = (
             cfg.extra_cols
             if cfg.extra_cols is not None
@@ -326,9 +334,11 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
         reason = ""
         if not url.strip() or not url_ok:
             reason = "missing_url"
+        elif not cap_type_ok:
+            reason = "caption_type"
         elif not cap_ok:
             reason = "caption_utf8"
-        elif not cap.strip():
+        elif _blank(cap):
             reason = "empty_caption"
         urls.append(url.strip()), caps.append(cap), extras.append(json.dumps(extra, ensure_ascii=False))
         reasons.append(reason)
@@ -350,18 +360,43 @@ def read_unit(unit: Unit, cfg: InputConfig) -> Batch:
     }
 
 
+_INVISIBLE = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))  # controls (NUL included), format characters, separators
+
+
+def _blank(text: str) -> bool:
+    """True when a caption has nothing visible: empty, whitespace, or only control/format characters (NUL, BEL,
+    zero-width space, BOM...). Unassigned and private-use characters count as visible (a newer emoji is
+    unassigned in an older Unicode database)."""
+    if text.isprintable():  # the common case: printable means no C* or Z* character except the ASCII space
+        return not text.strip()
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
+
+
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bytes, str)):
-        return _text(v)[0]
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+    """Any input value -> plain JSON data (json.dumps never fails on it, and writes no NaN or Infinity).
+
+    str/bytes -> text (invalid UTF-8 as U+FFFD); NaN and infinities -> null; Decimal -> its exact string;
+    timedelta (pyarrow durations) -> total seconds as a float; dates, times and timestamps -> ISO 8601; numpy
+    scalars and arrays -> their Python values; maps (pyarrow gives lists of (key, value) pairs) -> lists of
+    [key, value]; structs -> objects with string keys; sets -> lists; anything else -> str(v).
+    """
+    if v is None or isinstance(v, (bool, int, str, bytes)):
+        return _text(v)[0] if isinstance(v, (str, bytes)) else v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and v != v:
-        return None
-    if hasattr(v, "isoformat"):
+        return {_text(k)[0] if isinstance(k, (str, bytes)) else str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, datetime.timedelta):  # before isoformat: pandas' Timedelta has one (an ISO 8601 duration)
+        return v.total_seconds()
+    if isinstance(v, (datetime.date, datetime.time)):
         return v.isoformat()
-    return v
+    if isinstance(v, (np.generic, np.ndarray)):
+        return _jsonable(v.tolist())
+    return str(v)
 
 
 # ---- text documents ----------------------------------------------------------------------------------------
