@@ -225,7 +225,7 @@ def _shingle_hashes(word_hash: np.ndarray, word_doc: np.ndarray, ngram: int) -> 
     left = first + counts[word_doc] - idx  # words from here to the end of the text
     mult = _mix64(np.arange(1, ngram + 1, dtype=np.uint64) * np.uint64(_GOLDEN)) | np.uint64(1)
     acc = word_hash * mult[0]
-    for k in range(1, ngram):
+    for k in range(1, min(ngram, n)):  # k >= n: no word of the batch has a k-th successor, nothing to add
         nxt = np.zeros(n, dtype=np.uint64)
         nxt[: n - k] = word_hash[k:]
         acc += np.where(left > k, nxt, np.uint64(0)) * mult[k]  # words past the end of the text count as absent
