@@ -9,7 +9,6 @@ import os
 import re
 import struct
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -72,7 +71,7 @@ class TarShardWriter:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        fd, self._tmp = tempfile.mkstemp(dir=storage.local_tmp_dir(uri), prefix=".tmp-", suffix=".tar")
+        fd, self._tmp = storage.create_temp(storage.local_tmp_dir(uri), suffix=".tar")
         self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []

@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import io
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,19 @@ def s3_client():
 # A forked process (a DataLoader worker, a multiprocessing pool) must not share the parent's cached client and its
 # pooled connections: the child starts without one and makes its own on first use.
 os.register_at_fork(after_in_child=s3_client.cache_clear)
+
+
+def create_temp(directory: str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
+    """Like tempfile.mkstemp (a new file, O_EXCL, an fd open for writing), but created with mode 0666 so that the
+    umask decides its permissions as for any file a tool writes (mkstemp's 0600 would survive the final rename)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {directory}")
 
 
 def exists(uri: str) -> bool:
@@ -77,7 +91,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(uri) or ".", prefix=".tmp-", suffix=os.path.basename(uri))
+    fd, tmp = create_temp(os.path.dirname(uri) or ".", suffix=os.path.basename(uri))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
