@@ -15,6 +15,7 @@ import yaml
 T = TypeVar("T")
 
 MAX_YAML_BYTES = 4 << 20  # a run config, filter chain or manifest larger than this is refused before parsing
+MAX_YAML_DEPTH = 100  # nesting levels (the composer recurses: deeper input would end in a slow RecursionError)
 MAX_YAML_EXPANDED = 8 << 20  # ... and one whose aliases expand past this many characters + nodes (billion laughs)
 MAX_MESSAGE = 4000  # characters of a ConfigError message (values in it are shortened first, this is the backstop)
 
@@ -97,10 +98,21 @@ class _BoundedLoader(yaml.SafeLoader):
     a few KB of nested aliases that any walk of the result, a copy, a fingerprint or an error message, would
     expand to gigabytes) or that refers to itself."""
 
+    _depth = 0
+
     def compose_document(self) -> yaml.Node:
         node = super().compose_document()
         _check_expansion(node)
         return node
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _check_expansion(root: yaml.Node) -> None:
