@@ -222,12 +222,8 @@ def _file_sizes(uris: list[str]) -> dict[str, int]:
         return {u: os.path.getsize(u) for u in uris if os.path.isfile(u)}
     out = {}
     for folder in sorted({u.rsplit("/", 1)[0] + "/" for u in uris}):
-        bucket, prefix = storage.split_s3(folder)
-        pages = (
-            storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        )
         try:
-            out.update({f"s3://{bucket}/{o['Key']}": o["Size"] for p in pages for o in p.get("Contents", [])})
+            out.update(storage.list_sizes(folder, recursive=False))
         except Exception as e:
             raise ConfigError(f"cannot list {folder}: {_reason(e)}") from e
     return out
