@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import xxhash
 
+from mm1data.config import BadValue, check
+
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
@@ -22,6 +24,8 @@ _GOLDEN = 0x9E3779B97F4A7C15  # odd: the base of the polynomial word hash, and i
 _CHUNK_CHARS = 1 << 20  # characters normalised and hashed together: bounds the temporaries of one call
 _WORD_WINDOW = 1 << 18  # characters per prefix-sum window of the word hash (one huge text stays bounded too)
 _SHINGLE_BLOCK = 4096  # shingles per permutation block: the (perms x block) uint64 matrix stays in L2 cache
+MAX_PERMUTATIONS = 4096  # bands * rows (datatrove uses 112, datasketch 128)
+MAX_NGRAM = 64  # words per shingle (5 is usual; one numpy pass per word of the n-gram)
 _BAND_ROWS_PER_GROUP = 2_000_000  # (band, hash, id) rows per LSH group on a worker: ~160 MB peak (80 B a row)
 
 
@@ -34,11 +38,12 @@ class MinHashConfig:
     seed: int = 1  # seeds the permutations; signatures only compare under the same seed
 
     def __post_init__(self) -> None:
-        for name in ("bands", "rows", "ngram"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"minhash.{name} must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"minhash.seed must be >= 0, got {self.seed}")
+        check(self, "bands", ge=1, le=MAX_PERMUTATIONS)
+        check(self, "rows", ge=1, le=MAX_PERMUTATIONS)
+        check(self, "ngram", ge=1, le=MAX_NGRAM)
+        check(self, "seed", ge=0)
+        if self.bands * self.rows > MAX_PERMUTATIONS:  # the (permutations x 4096) uint64 block is 32 KB a permutation
+            raise BadValue("bands", self.bands, f"such that bands * rows <= {MAX_PERMUTATIONS} (rows is {self.rows})")
 
     @property
     def num_perm(self) -> int:
@@ -207,7 +212,7 @@ def _shingle_hashes(word_hash: np.ndarray, word_doc: np.ndarray, ngram: int) -> 
     left = first + counts[word_doc] - idx  # words from here to the end of the text
     mult = _mix64(np.arange(1, ngram + 1, dtype=np.uint64) * np.uint64(_GOLDEN)) | np.uint64(1)
     acc = word_hash * mult[0]
-    for k in range(1, ngram):
+    for k in range(1, min(ngram, n)):  # k >= n: no word of the batch has a k-th successor, nothing to add
         nxt = np.zeros(n, dtype=np.uint64)
         nxt[: n - k] = word_hash[k:]
         acc += np.where(left > k, nxt, np.uint64(0)) * mult[k]  # words past the end of the text count as absent

@@ -24,6 +24,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import numpy as np
 from PIL import Image
 
+from mm1data.config import check
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,14 @@ class DownloadConfig:
     user_agent: str = USER_AGENT
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"download.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.encode_format not in ("jpg", "png", "webp"):
-            raise ValueError(f"download.encode_format must be jpg, png or webp, got {self.encode_format!r}")
+        for key in ("threads", "batch_size", "max_bytes", "max_pixels", "image_size"):
+            check(self, key, ge=1)
+        for key in ("workers", "retries", "max_redirects", "backoff_s", "max_backoff_s"):
+            check(self, key, ge=0)
+        check(self, "timeout_s", gt=0)
+        check(self, "encode_quality", ge=0, le=100)
+        check(self, "resize_mode", choices=RESIZE_MODES)
+        check(self, "encode_format", choices=("jpg", "png", "webp"))
 
 
 class FetchError(Exception):
@@ -96,18 +101,54 @@ def _lookup(host: str, port: int) -> list[str]:
     return addrs
 
 
+# IPv6 ranges whose low 32 bits are an IPv4 address that the route delivers to: IPv4-compatible (::a.b.c.d,
+# deprecated), SIIT's IPv4-translated (::ffff:0:a.b.c.d), and the well-known NAT64 prefix (RFC 6052), through which
+# a DNS64 network reaches any IPv4 address, 127.0.0.1 and 169.254.169.254 included. (IPv4-mapped ::ffff:a.b.c.d,
+# 6to4 and Teredo have ipaddress properties.)
+_LOW32_V4 = tuple(ipaddress.ip_network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+# Not globally reachable per IANA although Python 3.11's is_global says otherwise (later Pythons agree): IETF
+# protocol assignments (Oracle Cloud's metadata service is 192.0.0.192) and local-use NAT64 (RFC 8215; its IPv4
+# address sits at an offset the operator chose, so it cannot be checked by position).
+_NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses that an IPv6 address carries and that a route may deliver to: IPv4-mapped,
+    IPv4-compatible, IPv4-translated, NAT64 64:ff9b::/96, 6to4 (2002::/16), Teredo (2001::/32: the server and the
+    de-obfuscated client) and an ISATAP interface id (::0:5efe:a.b.c.d, u/g bits ignored)."""
+    out = []
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        out.append(ip.ipv4_mapped)
+    if any(ip in net for net in _LOW32_V4):
+        out.append(low)
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:
+        out.extend(ip.teredo)
+    if (int(ip) >> 32) & 0xFCFFFFFF == 0x00005EFE:  # ISATAP: IID 00-00-5E-FE + IPv4 (RFC 5214)
+        out.append(low)
+    return out
+
+
+def is_public_address(address: str) -> bool:
+    """True for an address a fetch may go to: globally reachable, not multicast, and every IPv4 address embedded
+    in an IPv6 one (embedded_ipv4) likewise. is_global is False for private, loopback, link-local
+    (169.254.169.254), CGNAT (100.64/10, Alibaba's 100.100.100.200), unique-local (fd00:ec2::254), reserved and
+    documentation ranges."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        found += embedded_ipv4(ip)
+    return all(a.is_global and not a.is_multicast and not any(a in net for net in _NOT_GLOBAL) for a in found)
+
+
 def resolve(host: str, port: int, allow_private: bool) -> str:
-    """Resolve `host` and return one address; refuse non-public addresses unless allowed."""
+    """Resolve `host` and return one address; refuse non-public addresses (is_public_address) unless allowed.
+    Every address of the answer is checked, not only the one used: the next lookup could pick another."""
     addrs = _lookup(host, port)
-    if not allow_private:
-        for a in addrs:
-            ip = ipaddress.ip_address(a.split("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-            # is_global is False for private, loopback, link-local (169.254.169.254), CGNAT (100.64/10,
-            # Alibaba's 100.100.100.200), unique-local (fd00:ec2::254), multicast and reserved ranges.
-            if not ip.is_global or ip.is_multicast:
-                raise FetchError("private_host")
+    if not allow_private and not all(is_public_address(a) for a in addrs):
+        raise FetchError("private_host")
     return addrs[0]
 
 

@@ -28,7 +28,10 @@ The design (MosaicML streaming's ideas on webdataset shards; no Ray, no local co
    decoding). Memory is the read-ahead windows plus O(shards + shuffle_buffer) per source.
 6. A sample that cannot be read (shard or sidecar missing, a range past the end of a truncated file, members that
    do not parse or an image that does not decode) is skipped, counted in `errors[shard]` and logged with the
-   shard's name; every other position keeps its sample.
+   shard's name; every other position keeps its sample. A sidecar that disagrees with index.json (another sample
+   count, offsets going backwards) is an error when the shard is first read, naming both: skipping would walk
+   through every position that index.json claims, millions for a lying count, yielding nothing. A shard path in
+   index.json must be a plain relative path inside the corpus folder (shards.shard_uri), checked at construction.
 
 Limits: a skipped sample leaves its rank one item short (the other ranks are not told); `errors` counts what this
 process read (DataLoader workers keep their own); set_epoch()/load_state_dict() reach DataLoader workers when
@@ -45,7 +48,6 @@ import json
 import logging
 import math
 import re
-import struct
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,8 +58,10 @@ import torch.utils.data
 from PIL import Image
 
 from mm1data import storage
+from mm1data.config import ConfigError, short
 from mm1data.manifest import Manifest, draw_probabilities, resolve_sources
 from mm1data.schema import IMAGE_EXTS
+from mm1data.shards import shard_uri
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +75,18 @@ _IMAGE_MEMBER = re.compile(r"(\d+)\.(" + "|".join(IMAGE_EXTS) + ")")
 
 
 class _SourceFiles:
-    """Where a source's shards and sidecars are, and how many samples each holds."""
+    """Where a source's shards and sidecars are, and how many samples each holds. Every path must stay inside the
+    corpus folder (shards.shard_uri): an index.json that points elsewhere is a ConfigError naming the path."""
 
-    def __init__(self, name: str, kind: str, root: str, shards: list[dict[str, Any]]) -> None:
+    def __init__(self, name: str, kind: str, root: str, shards: list[dict[str, Any]], where: str) -> None:
         self.name, self.kind = name, kind
-        self.tars = [storage.join(root, s["path"]) for s in shards]
-        self.idxs = [storage.join(root, s.get("offsets") or s["path"][: -len(".tar")] + ".idx") for s in shards]
-        self.sizes = np.array([int(s["num_samples"]) for s in shards], dtype=np.int64)
+        self.tars = [shard_uri(root, s["path"], where) for s in shards]
+        self.idxs = [shard_uri(root, s.get("offsets") or s["path"][: -len(".tar")] + ".idx", where) for s in shards]
+        self.sizes = np.array([s["num_samples"] for s in shards], dtype=object)
+        if not all(type(n) is int and n >= 0 for n in self.sizes):
+            bad = next(n for n in self.sizes if not (type(n) is int and n >= 0))
+            raise ConfigError(f"{where}: num_samples must be an integer >= 0, got {short(bad)}")
+        self.sizes = self.sizes.astype(np.int64)
 
 
 class _Mixture:
@@ -179,13 +188,21 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         decode_images: bool = True,
         io_threads: int = 4,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1 or io_threads < 1:
-            raise ValueError("batch_size and io_threads must be >= 1")
+        for arg, value, low in (
+            ("world_size", world_size, 1),
+            ("batch_size", batch_size, 1),
+            ("io_threads", io_threads, 1),
+            ("shuffle_buffer", shuffle_buffer, 1),
+            ("seed", manifest.seed if seed is None else seed, 0),
+            ("samples_per_epoch", 1 if samples_per_epoch is None else samples_per_epoch, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"MixtureDataset {arg} must be an integer >= {low}, got {short(value)}")
+        if not (isinstance(rank, (int, np.integer)) and 0 <= rank < world_size):
+            raise ValueError(f"rank {short(rank)} is not in [0, world_size={world_size})")
         resolved = resolve_sources(manifest)
         self.unit = manifest.unit
-        self.sources = [_SourceFiles(s.name, s.kind, s.root, s.shards) for s in resolved]
+        self.sources = [_SourceFiles(s.name, s.kind, s.root, s.shards, s.index_uri) for s in resolved]
         self.seed = manifest.seed if seed is None else seed
         self.mixture = _Mixture(
             draw_probabilities(resolved, manifest.unit), [s.sizes for s in self.sources], self.seed, shuffle,
@@ -353,14 +370,21 @@ class _Reader:
         return out
 
     def _offsets(self, s: int, shard: int) -> np.ndarray | str:
+        """The shard's sample offsets, or why its sidecar cannot be read (its samples are then skipped). A sidecar
+        that disagrees with index.json (another count, offsets that go backwards) raises: the positions planned
+        from index.json would otherwise be skipped one by one, millions of them for a lying count."""
         src = self.ds.sources[s]
         try:
             data = storage.read_bytes(src.idxs[shard])
         except Exception as e:
             return f"offsets sidecar {src.idxs[shard]} unreadable: {type(e).__name__}: {e}"
-        offs = np.array(struct.unpack(f"<{len(data) // 8}Q", data[: len(data) // 8 * 8]), dtype=np.int64)
-        if len(offs) != src.sizes[shard] + 1:
-            return f"offsets sidecar has {len(offs)} entries, index.json lists {src.sizes[shard]} samples"
+        offs = np.frombuffer(data, dtype="<u8", count=len(data) // 8).astype(np.int64)
+        if len(data) % 8 or len(offs) != src.sizes[shard] + 1 or (np.diff(offs) < 0).any() or (offs < 0).any():
+            raise ConfigError(
+                f"shard {src.tars[shard]}: its offsets sidecar {src.idxs[shard]} holds {len(data) / 8:g} offsets "
+                f"{'' if (np.diff(offs) >= 0).all() else 'that go backwards '}where index.json lists "
+                f"{src.sizes[shard]} samples ({src.sizes[shard] + 1} offsets): the index and the shard disagree"
+            )
         return offs
 
     def _read(self, s: int, shard: int, ids: list[int]) -> dict[int, bytes | str]:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mm1data import storage
 from mm1data.config import ConfigError, from_dict, read_yaml, to_dict
 from mm1data.packing import SequenceConfig
 from mm1data.schema import KINDS
+from mm1data.shards import shard_uri
 
 # What a weight counts -> the index.json `totals` entry that measures it. A source's draw probability is its
 # weight divided by its mean units per sample, so the mixed stream delivers `unit` in the weights' ratio.
@@ -82,7 +82,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     when it exists there, else against the working directory (DESIGN.md's `data/caption/index.json`, run from the
     repo root); when it is in neither, the error names both."""
     path = str(path)
-    m = Manifest.from_dict(yaml.safe_load(storage.read_bytes(path)) if storage.is_s3(path) else read_yaml(path))
+    m = Manifest.from_dict(read_yaml(path))  # local or s3://; bounded (config.load_yaml)
     base = path.rsplit("/", 1)[0] if storage.is_s3(path) else os.path.dirname(os.path.abspath(path))
     return dataclasses.replace(m, sources=tuple(dataclasses.replace(s, index=_resolve(s, base)) for s in m.sources))
 
@@ -198,9 +198,9 @@ def check_shards(source: ResolvedSource) -> list[str]:
     (8 bytes per sample + 8) must exist with its size. Returns one message per problem, naming the file."""
     want = {}
     for sh in source.shards:
-        want[storage.join(source.root, sh["path"])] = (int(sh["bytes"]), "index.json lists {}")
+        want[shard_uri(source.root, sh["path"], source.index_uri)] = (int(sh["bytes"]), "index.json lists {}")
         idx = sh.get("offsets") or sh["path"][: -len(".tar")] + ".idx"
-        want[storage.join(source.root, idx)] = (
+        want[shard_uri(source.root, idx, source.index_uri)] = (
             8 * (int(sh["num_samples"]) + 1),
             f"expected {{}} for {sh['num_samples']} samples",
         )
@@ -222,12 +222,8 @@ def _file_sizes(uris: list[str]) -> dict[str, int]:
         return {u: os.path.getsize(u) for u in uris if os.path.isfile(u)}
     out = {}
     for folder in sorted({u.rsplit("/", 1)[0] + "/" for u in uris}):
-        bucket, prefix = storage.split_s3(folder)
-        pages = (
-            storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        )
         try:
-            out.update({f"s3://{bucket}/{o['Key']}": o["Size"] for p in pages for o in p.get("Contents", [])})
+            out.update(storage.list_sizes(folder, recursive=False))
         except Exception as e:
             raise ConfigError(f"cannot list {folder}: {_reason(e)}") from e
     return out

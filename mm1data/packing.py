@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mm1data import storage
+from mm1data.config import BadValue, check
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +27,14 @@ class SequenceConfig:
     max_images: int = 16  # images per sequence
     image_tokens: int = 144  # positions one image takes (C-Abstractor output)
     image_size: int = 378  # px, square, images are resized to this for the encoder
+
+    def __post_init__(self) -> None:
+        # max_images >= 1 and image_tokens + 2 <= max_tokens are what SequencePacker needs (bos + one image + eos must
+        # fit a sequence, or an image document could never be placed): refused when the manifest loads, not mid-run
+        for key in ("max_tokens", "max_images", "image_tokens", "image_size"):
+            check(self, key, ge=1)
+        if self.image_tokens + 2 > self.max_tokens:
+            raise BadValue("image_tokens", self.image_tokens, f"<= max_tokens - 2 = {self.max_tokens - 2}")
 
 
 # ---------------------------------------------------------------------------------------------------------- tokenizers

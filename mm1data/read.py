@@ -9,18 +9,24 @@ Every record has a stable position in its file, `src_row`: its row number (parqu
 the byte offset where its line starts (plain jsonl, which is cut by bytes). Its key is sha256(source # src_row)[:16],
 so keys stay the same across reruns, unit sizes and cluster sizes. Per-row problems become drop reasons here:
 malformed_row (bad JSON line or CSV record), too_large (a record over MAX_RECORD_BYTES, never held whole),
-missing_url, caption_utf8 (invalid UTF-8), empty_caption; for text documents text_utf8, empty_text, binary_text,
-too_large, not_text (a WARC record that holds no text). A line of ASCII blanks is not a record; any other line is one.
+missing_url, caption_type (a list, object, number or bool where the caption should be), caption_utf8
+(invalid UTF-8), empty_caption (nothing visible: empty, whitespace, or only control and format characters such as
+NUL); for text documents text_utf8, empty_text, binary_text, too_large, not_text (a WARC record that holds no
+text). A line of ASCII blanks is not a record; any other line is one.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import gzip
 import io
 import json
+import math
 import os
 import re
+import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mm1data import storage
-from mm1data.config import ConfigError
+from mm1data.config import ConfigError, check
 from mm1data.schema import make_key
 from mm1data.stage import Batch
 
@@ -65,6 +71,11 @@ class InputConfig:
     rows_per_unit: int = 2000  # parquet rows per work unit (whole row groups; a Ray read task)
     bytes_per_unit: int = 32 << 20  # plain jsonl bytes per work unit (gzip, CSV and WARC files are one unit each)
 
+    def __post_init__(self) -> None:
+        check(self, "rows_per_unit", ge=1)
+        check(self, "bytes_per_unit", ge=1)
+        check(self, "format", choices=("auto", "parquet", "jsonl", "jsonl.gz", "csv", "tsv"))
+
     def required_cols(self) -> tuple[str, ...]:
         return (self.url_col, self.caption_col)
 
@@ -81,6 +92,12 @@ class TextInputConfig:
     bytes_per_unit: int = 32 << 20  # plain jsonl bytes per work unit (gzip and WARC files are one unit each)
     max_bytes: int = 10_000_000  # a longer document is dropped as too_large (its text is not kept)
     html: bool = True  # WARC text/html responses: extract the main text with trafilatura (else not_text)
+
+    def __post_init__(self) -> None:
+        check(self, "rows_per_unit", ge=1)
+        check(self, "bytes_per_unit", ge=1)
+        check(self, "max_bytes", ge=1)
+        check(self, "format", choices=("auto", "parquet", "jsonl", "jsonl.gz", "warc"))
 
     def required_cols(self) -> tuple[str, ...]:
         return (self.text_col,)
@@ -406,7 +423,9 @@ def read_unit(unit: Unit, cfg: InputConfig, skip: Iterable[int] = ()) -> Iterato
                 reasons.append("malformed_row" if rec is None else "too_large")
                 continue
             url, url_ok = _text(rec.get(cfg.url_col))
-            cap, cap_ok = _text(rec.get(cfg.caption_col))
+            raw_cap = rec.get(cfg.caption_col)
+            cap_type_ok = raw_cap is None or isinstance(raw_cap, (str, bytes))  # not a list, dict, number or bool
+            cap, cap_ok = _text(raw_cap) if cap_type_ok else ("", True)
             extra_names = (
                 cfg.extra_cols
                 if cfg.extra_cols is not None
@@ -416,9 +435,11 @@ def read_unit(unit: Unit, cfg: InputConfig, skip: Iterable[int] = ()) -> Iterato
             reason = ""
             if not url.strip() or not url_ok:
                 reason = "missing_url"
+            elif not cap_type_ok:
+                reason = "caption_type"
             elif not cap_ok:
                 reason = "caption_utf8"
-            elif not cap.strip():
+            elif _blank(cap):
                 reason = "empty_caption"
             urls.append(url.strip()), caps.append(cap), extras.append(json.dumps(extra, ensure_ascii=False))
             reasons.append(reason)
@@ -439,18 +460,43 @@ def _obj(values: list) -> np.ndarray:
     return out
 
 
+_INVISIBLE = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))  # controls (NUL included), format characters, separators
+
+
+def _blank(text: str) -> bool:
+    """True when a caption has nothing visible: empty, whitespace, or only control/format characters (NUL, BEL,
+    zero-width space, BOM...). Unassigned and private-use characters count as visible (a newer emoji is
+    unassigned in an older Unicode database)."""
+    if text.isprintable():  # the common case: printable means no C* or Z* character except the ASCII space
+        return not text.strip()
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
+
+
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, (bytes, str)):
-        return _text(v)[0]
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+    """Any input value -> plain JSON data (json.dumps never fails on it, and writes no NaN or Infinity).
+
+    str/bytes -> text (invalid UTF-8 as U+FFFD); NaN and infinities -> null; Decimal -> its exact string;
+    timedelta (pyarrow durations) -> total seconds as a float; dates, times and timestamps -> ISO 8601; numpy
+    scalars and arrays -> their Python values; maps (pyarrow gives lists of (key, value) pairs) -> lists of
+    [key, value]; structs -> objects with string keys; sets -> lists; anything else -> str(v).
+    """
+    if v is None or isinstance(v, (bool, int, str, bytes)):
+        return _text(v)[0] if isinstance(v, (str, bytes)) else v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and v != v:
-        return None
-    if hasattr(v, "isoformat"):
+        return {_text(k)[0] if isinstance(k, (str, bytes)) else str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, datetime.timedelta):  # before isoformat: pandas' Timedelta has one (an ISO 8601 duration)
+        return v.total_seconds()
+    if isinstance(v, (datetime.date, datetime.time)):
         return v.isoformat()
-    return v
+    if isinstance(v, (np.generic, np.ndarray)):
+        return _jsonable(v.tolist())
+    return str(v)
 
 
 # ---- text documents ----------------------------------------------------------------------------------------

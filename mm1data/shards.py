@@ -6,16 +6,46 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from mm1data import storage
+from mm1data.config import ConfigError, short
 
 INDEX_VERSION = 1
+_CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_PATH_PART = re.compile(r"[^\x00-\x1f\x7f\\:]+")  # no control characters, backslash or colon in a path segment
+
+
+def check_corpus_name(name: Any) -> str:
+    """A corpus name (the shard prefix `{corpus}-000000.tar`) is one plain file-name part: a letter or digit,
+    then letters, digits, `_`, `.`, `-` (at most 128 characters), never `..`. Anything else (a `/`, a `\\`, a
+    path or a URI) would put shards outside the output folder. Returns the name; raises ConfigError naming it."""
+    if not isinstance(name, str) or not _CORPUS_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"corpus name {short(name)} is not allowed: use letters, digits, '_', '.' and '-' (starting with a "
+            "letter or digit, no '..', at most 128 characters)"
+        )
+    return name
+
+
+def shard_uri(root: str, path: Any, where: str = "index.json") -> str:
+    """The location of a shard (or sidecar) listed in an index.json as `path`, under the corpus `root`.
+
+    `path` must be a plain relative path inside the root: non-empty segments separated by `/`, none of them `.` or
+    `..`, without a scheme or drive (`:`), a backslash or control characters. An absolute path, `../x`,
+    `s3://other/x` or `/etc/passwd` would serve data from outside the corpus: a ConfigError naming the path and
+    `where` (the index)."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if not parts or any(p in ("", ".", "..") or not _PATH_PART.fullmatch(p) for p in parts):
+        raise ConfigError(
+            f"{where}: shard path {short(path)} is not a plain relative path inside the corpus folder {root}"
+        )
+    return storage.join(root, path)
 
 
 def shard_name(corpus: str, i: int) -> str:
@@ -41,7 +71,7 @@ class TarShardWriter:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        fd, self._tmp = tempfile.mkstemp(dir=storage.local_tmp_dir(uri), prefix=storage.TMP_PREFIX, suffix=".tar")
+        fd, self._tmp = storage.create_temp(storage.local_tmp_dir(uri), suffix=".tar")
         self._file = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.offsets: list[int] = []

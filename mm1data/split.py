@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mm1data import __version__, storage
-from mm1data.config import to_dict
+from mm1data.config import check, to_dict
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import read_unit_staged, staging_uri, unit_dir
@@ -45,6 +45,11 @@ class ShardConfig:
     samples_per_shard: int = 10_000  # img2dataset's default
     bytes_per_shard: int = 1_000_000_000  # a shard closes before exceeding this
     workers: int = 0  # parallel shard writers; 0 = one per cluster CPU
+
+    def __post_init__(self) -> None:
+        check(self, "samples_per_shard", ge=1)
+        check(self, "bytes_per_shard", ge=1)
+        check(self, "workers", ge=0)
 
 
 # A sample builder turns one staged row (a dict of column values, payload included) into tar members and tokens.

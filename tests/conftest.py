@@ -64,27 +64,46 @@ def server():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on 127.0.0.1, reached by real boto3 through AWS_ENDPOINT_URL."""
+def _s3_stack():
+    """moto's S3 server on 127.0.0.1 behind the fault proxy (tests/faults.py), which forwards only until a test
+    turns faults on."""
+    from faults import FaultProxy
     from moto.server import ThreadedMotoServer
 
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     host, port = srv.get_host_and_port()
+    proxy = FaultProxy(f"http://{host}:{port}").start()
     env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ENDPOINT_URL": proxy.url,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     os.environ.update(env)
-    yield env
+    yield env, proxy
+    proxy.stop()
     srv.stop()
 
 
 @pytest.fixture(scope="session")
+def s3_server(_s3_stack):
+    """S3 on 127.0.0.1 (moto's server, through the fault proxy with faults off), reached by real boto3 through
+    AWS_ENDPOINT_URL."""
+    return _s3_stack[0]
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(_s3_stack):
+    """The proxy in front of moto: `with fault_proxy.faults(rate_503=0.25, rate_cut=0.1): ...` injects faults into
+    every S3 request of this process and of Ray and DataLoader workers (they reach S3 through it too)."""
+    return _s3_stack[1]
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray for the whole suite (started after the S3 env so workers inherit it)."""
+    """One local Ray for the whole suite (started after the S3 env so workers inherit it, the fault proxy's endpoint
+    included)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

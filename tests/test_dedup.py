@@ -331,3 +331,26 @@ def test_near_duplicates_on_ray(ray_session, monkeypatch: pytest.MonkeyPatch) ->
 
     assert ids == [3, 7, 12, 39, 40, 41, 42, 43, 44, 101, 103, 105]
     assert cluster == [3, 7, 12, 39, 3, 7, 7, 12, 39, 101, 101, 101]
+
+
+def test_batches_of_texts_shorter_than_the_ngram_match_the_reference() -> None:
+    """Every mix of texts with 0 .. ngram + 1 words, alone or in batches of up to 4 (a batch whose words are all
+    fewer than the n-gram crashed _shingle_hashes): signatures equal the one-Python-int-at-a-time definition, and
+    exactly the texts without words get no bands."""
+    import itertools
+
+    for ngram in (1, 2, 3, 5):
+        cfg = MinHashConfig(bands=4, rows=2, ngram=ngram, seed=3)
+        texts = [" ".join(f"w{j}" for j in range(k)) for k in range(ngram + 2)] + ["second document", "a b c", "!!"]
+        naive = {t: naive_signature(t, cfg) for t in texts}
+        for size in (1, 2, 3, 4):
+            for batch in itertools.islice(itertools.product(texts, repeat=size), 400):
+                sig = minhash_signatures(list(batch), cfg)
+                assert sig.tolist() == [naive[t] for t in batch], (ngram, batch)
+                bands = minhash_bands(list(batch), cfg)
+                assert bands.shape == (size, 4)
+                assert [bool((b == 0).all()) for b in bands] == [not normalize_text(t) for t in batch], batch
+    # the reported examples, with the default config
+    assert minhash_bands(["second document"], CFG).shape == (1, 14)
+    assert (minhash_bands(["a b c"], CFG) != 0).all()
+    assert minhash_bands([], CFG).shape == (0, 14)

@@ -227,3 +227,110 @@ def test_https_verifies_certificates_on_the_pinned_connection(tls_cert):
         fetcher._ssl = ssl.create_default_context(cafile=tls_cert[0])  # trust this test CA only
         body, status, attempts = fetcher.fetch(srv.url("/a.jpg"))
         assert (status, attempts) == (200, 1) and body == srv.routes["/a.jpg"].body
+
+
+# Every address here reaches a private, loopback, link-local or metadata IPv4 address, directly or embedded in IPv6.
+REFUSED = [
+    "127.0.0.1",
+    "169.254.169.254",  # AWS, GCP, Azure metadata
+    "100.100.100.200",  # Alibaba metadata (CGNAT range)
+    "192.0.0.192",  # Oracle Cloud metadata (IETF protocol assignments)
+    "10.1.2.3",
+    "0.0.0.0",
+    "224.0.0.1",
+    "::1",
+    "::",
+    "fe80::1%eth0",
+    "fd00:ec2::254",  # AWS metadata over IPv6
+    "ff02::1",
+    "::ffff:127.0.0.1",  # IPv4-mapped
+    "::ffff:169.254.169.254",
+    "::127.0.0.1",  # IPv4-compatible (deprecated)
+    "::a9fe:a9fe",  # ::169.254.169.254
+    "::ffff:0:127.0.0.1",  # IPv4-translated (SIIT)
+    "::ffff:0:a00:1",  # ::ffff:0:10.0.0.1
+    "64:ff9b::7f00:1",  # NAT64 well-known prefix -> 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 -> 169.254.169.254
+    "64:ff9b::c0a8:101",  # NAT64 -> 192.168.1.1
+    "64:ff9b::6464:64c8",  # NAT64 -> 100.100.100.200
+    "64:ff9b:1::808:808",  # local-use NAT64 (RFC 8215): not globally reachable whatever it embeds
+    "64:ff9b:1:ab00::7f00:1",
+    "2002:7f00:1::",  # 6to4 -> 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 -> 169.254.169.254
+    "2002:a00:1:1::1",  # 6to4 -> 10.0.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, obfuscated client 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo, client 169.254.169.254
+    "2001:0:a00:1:8000:63bf:f7f7:f7f7",  # Teredo server 10.0.0.1, client 8.8.8.8
+    "2607:f8b0:4004:800::5efe:a00:1",  # ISATAP interface id -> 10.0.0.1
+    "2607:f8b0:4004:800:200:5efe:7f00:1",  # ISATAP, u bit set -> 127.0.0.1
+]
+ALLOWED = [
+    "8.8.8.8",
+    "93.184.216.34",
+    "2001:4860:4860::8888",
+    "2a00:1450:4001:82b::200e",
+    "64:ff9b::808:808",  # NAT64 to a public address: how a DNS64 network reaches IPv4-only hosts
+    "::ffff:8.8.8.8",
+    "2002:808:808::1",  # 6to4 of a public address
+    "2607:f8b0:4004:800::5efe:808:808",  # ISATAP of a public address
+    "2607:f8b0:4004:800:1234:5efe:7f00:1",  # not an ISATAP interface id
+]
+
+
+@pytest.mark.parametrize("address", REFUSED)
+def test_guard_refuses_private_addresses_also_when_embedded_in_ipv6(address, monkeypatch):
+    import mm1data.download as dl
+
+    assert not dl.is_public_address(address)
+    monkeypatch.setattr(dl, "_lookup", lambda host, port: [address])
+    with pytest.raises(FetchError, match="private_host"):
+        resolve("images.example", 80, allow_private=False)
+    assert resolve("images.example", 80, allow_private=True) == address
+    # one bad address in an answer is enough: the next lookup could pick it
+    monkeypatch.setattr(dl, "_lookup", lambda host, port: ["8.8.8.8", address])
+    with pytest.raises(FetchError, match="private_host"):
+        resolve("images.example", 80, allow_private=False)
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_guard_allows_public_addresses(address, monkeypatch):
+    import mm1data.download as dl
+
+    assert dl.is_public_address(address)
+    monkeypatch.setattr(dl, "_lookup", lambda host, port: [address])
+    assert resolve("images.example", 80, allow_private=False) == address
+
+
+def test_embedded_ipv4_of_each_form():
+    from ipaddress import ip_address
+
+    from mm1data.download import embedded_ipv4
+
+    def got(a):
+        return [str(x) for x in embedded_ipv4(ip_address(a))]
+
+    assert got("::ffff:1.2.3.4") == ["1.2.3.4"]
+    assert got("::1.2.3.4") == ["1.2.3.4"]
+    assert got("64:ff9b::1.2.3.4") == ["1.2.3.4"]
+    assert got("2002:102:304::") == ["1.2.3.4"]
+    assert got("2001:0:4136:e378:8000:63bf:fefd:fcfb") == ["65.54.227.120", "1.2.3.4"]  # server, de-obfuscated client
+    assert got("2001:db8::5efe:102:304") == ["1.2.3.4"]
+    assert got("2001:4860:4860::8888") == []
+
+
+def test_download_stage_refuses_hosts_that_resolve_to_embedded_private_addresses(server, monkeypatch):
+    import mm1data.download as dl
+
+    server.routes["/ok.jpg"] = Route(jpeg())
+    answers = {
+        "nat64.example": "64:ff9b::7f00:1",
+        "sixtofour.example": "2002:7f00:1::",
+        "mapped.example": "::ffff:7f00:1",
+    }
+    real = dl._lookup
+    monkeypatch.setattr(dl, "_lookup", lambda host, port: [answers[host]] if host in answers else real(host, port))
+    port = server.url("/ok.jpg").split(":")[2].split("/")[0]
+    urls = [f"http://{host}:{port}/ok.jpg" for host in answers]
+    out = run_stage(urls, allow_private_hosts=False)
+    assert list(out["drop_reason"]) == ["private_host"] * 3
+    assert server.routes["/ok.jpg"].hits == 0  # refused before connecting

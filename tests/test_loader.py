@@ -338,3 +338,107 @@ def test_state_checks_and_length(mix):
 def test_loader_and_manifest_do_not_import_ray():
     code = "import sys, mm1data.loader, mm1data.manifest; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+HOSTILE_PATHS = {
+    "absolute, outside": lambda root, outside: f"{outside}/text-000000.tar",
+    "parent": lambda root, outside: f"../{os.path.basename(outside)}/text-000000.tar",
+    "deep parent": lambda root, outside: "x/../../" + os.path.basename(outside) + "/text-000000.tar",
+    "system file": lambda root, outside: "/etc/passwd",
+    "s3 elsewhere": lambda root, outside: "s3://other-bucket/text-000000.tar",
+    "file uri": lambda root, outside: f"file://{outside}/text-000000.tar",
+    "backslashes": lambda root, outside: "..\\..\\text-000000.tar",
+    "empty": lambda root, outside: "",
+    "not a string": lambda root, outside: 7,
+}
+
+
+@pytest.mark.parametrize("field", ["path", "offsets"])
+@pytest.mark.parametrize("case", list(HOSTILE_PATHS))
+def test_shard_paths_must_stay_inside_the_corpus(tmp_path, case, field, capsys):
+    """A shard (or sidecar) path in index.json that leaves the corpus folder is an error naming it, in the loader
+    and in `manifest check`; samples from elsewhere are never served."""
+    from mm1data.cli import main
+    from mm1data.config import ConfigError
+
+    outside = str(tmp_path / "elsewhere")
+    corpora.write_corpus(outside, "text", 10)  # real shards a hostile index could point at
+    corpora.write_corpus(str(tmp_path / "text"), "text", 10)
+    index_path = tmp_path / "text" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][0][field] = HOSTILE_PATHS[case](str(tmp_path / "text"), outside)
+    index_path.write_text(json.dumps(index))
+    m = manifest_over(str(tmp_path), {"text": 1.0})
+    if field == "offsets" and case == "empty":  # no sidecar named: the default beside the tar
+        assert MixtureDataset(m).sources[0].idxs[0] == str(tmp_path / "text" / "text-000000.idx")
+        return
+    with pytest.raises(ConfigError, match="not a plain relative path") as e:
+        MixtureDataset(m)
+    assert str(index_path) in str(e.value)
+    assert main(["manifest", "check", os.path.join(str(tmp_path), "m-samples-0.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "not a plain relative path" in err and str(index_path) in err
+
+
+@pytest.mark.parametrize("claimed", [11, 9, 1, 1_000_000_000])
+def test_a_sidecar_that_disagrees_with_the_index_is_an_error_not_a_stall(tmp_path, claimed):
+    """index.json claiming another count than the .idx holds: an error at the first read of that shard naming the
+    shard, instead of skipping (for a billion claimed samples: spinning through) every position it planned."""
+    from mm1data.config import ConfigError
+
+    corpora.write_corpus(str(tmp_path / "text"), "text", 20, per_shard=10)
+    index_path = tmp_path / "text" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["shards"][1]["num_samples"] = claimed
+    index_path.write_text(json.dumps(index))
+    m = manifest_over(str(tmp_path), {"text": 1.0})
+    ds = MixtureDataset(m, shuffle=False, decode_images=False, samples_per_epoch=50)
+    got = []
+    with pytest.raises(
+        ConfigError, match=f"text-000001.tar: its offsets sidecar .* holds 11 offsets .* {claimed} samples"
+    ):
+        for item in ds:
+            got.append(item["key"])
+    assert got == [make_key("text", i) for i in range(len(got))] and len(got) <= 10  # only the honest shard's
+
+
+def test_offsets_that_go_backwards_or_a_negative_count_are_errors(tmp_path):
+    import struct
+
+    from mm1data.config import ConfigError
+
+    corpora.write_corpus(str(tmp_path / "text"), "text", 10)
+    idx = tmp_path / "text" / "text-000000.idx"
+    offsets = read_offsets(str(idx))
+    idx.write_bytes(struct.pack(f"<{len(offsets)}Q", *offsets[:5], offsets[3], *offsets[6:]))
+    m = manifest_over(str(tmp_path), {"text": 1.0})
+    with pytest.raises(ConfigError, match="go backwards"):
+        list(MixtureDataset(m, decode_images=False))
+    index_path = tmp_path / "text" / "index.json"
+    index = json.loads(index_path.read_text())
+    for bad in (-1, 2.5, "10", None):
+        index["shards"][0]["num_samples"] = bad
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(ConfigError, match="num_samples must be an integer >= 0"):
+            MixtureDataset(manifest_over(str(tmp_path), {"text": 1.0}))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"world_size": 0}, "world_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"io_threads": 0}, "io_threads"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer"),
+        ({"shuffle_buffer": -5}, "shuffle_buffer"),
+        ({"seed": -1}, "seed"),
+        ({"samples_per_epoch": 0}, "samples_per_epoch"),
+        ({"samples_per_epoch": -10}, "samples_per_epoch"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"rank": -1}, "rank"),
+        ({"rank": 1, "world_size": 1}, "rank"),
+    ],
+)
+def test_loader_arguments_out_of_range_are_refused(mix, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MixtureDataset(manifest_over(mix), **kwargs)

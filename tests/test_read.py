@@ -197,3 +197,122 @@ def test_a_huge_line_is_a_row_not_a_memory_blowup(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(gzip.compress(body) if data else body)
         got = read_all(tmp_path / name, bytes_per_unit=64)
         assert got["drop_reason"] == ["", "too_large", ""] and got["url"][2] == ROWS[1]["url"], name
+
+
+def test_captions_that_are_not_text_or_show_nothing_get_a_reason(tmp_path):
+    rows = [
+        ("fine caption", ""),
+        (["a", "list"], "caption_type"),
+        ({"text": "an object"}, "caption_type"),
+        (42, "caption_type"),
+        (3.5, "caption_type"),
+        (True, "caption_type"),
+        (False, "caption_type"),
+        ([], "caption_type"),
+        ("\x00", "empty_caption"),
+        ("\x00\x00\x00", "empty_caption"),
+        ("\x07\x08\x1b\x7f", "empty_caption"),
+        (" \t\n\r\x0b\x0c ", "empty_caption"),
+        ("\u200b\ufeff\u00ad", "empty_caption"),  # zero-width space, BOM, soft hyphen
+        ("\u2028\u00a0\u3000", "empty_caption"),  # line separator, no-break and ideographic spaces
+        ("\x85\x9f", "empty_caption"),  # C1 controls
+        ("a\x00b", ""),  # controls inside text: the text is still there
+        ("\x00 ok", ""),
+        ("\U0001faea", ""),  # unassigned in this Unicode database (a newer emoji): visible
+        ("\ue000", ""),  # private use: visible
+    ]
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps({"url": f"http://a/{i}", "caption": c}) + "\n" for i, (c, _) in enumerate(rows)))
+    out = read_all(p)
+    assert out["drop_reason"] == [r for _, r in rows]
+    assert out["caption"][1] == "" and out["caption"][15] == "a\x00b"
+    # the same from parquet: a number or a list column where the caption should be
+    q = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2"], "caption": [[1, 2], [3]]}), q)
+    assert read_all(q)["drop_reason"] == ["caption_type", "caption_type"]
+    pq.write_table(pa.table({"url": ["http://a/1"], "caption": pa.array([7], pa.int64())}), q)
+    assert read_all(q)["drop_reason"] == ["caption_type"]
+
+
+def test_every_column_type_becomes_json(tmp_path):
+    """Input columns of types the json writer does not know become JSON values instead of aborting the job:
+    Decimal -> exact string, durations -> seconds, times and dates -> ISO 8601, maps -> [key, value] pairs."""
+    import datetime
+    import decimal
+
+    import numpy as np
+
+    from mm1data.read import TextInputConfig, _jsonable, read_text_unit
+
+    n = 2
+    cols = {
+        "url": pa.array(["http://a/1", "http://a/2"]),
+        "caption": pa.array(["one", "two"]),
+        "dec": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(10, 2)),
+        "dec256": pa.array([decimal.Decimal("-12345678901234567890.5"), decimal.Decimal("0")], pa.decimal256(40, 1)),
+        "dur_s": pa.array([5, -3], pa.duration("s")),
+        "dur_ns": pa.array([1500, None], pa.duration("ns")),
+        "time": pa.array([3723000000, 0], pa.time64("us")),
+        "time_ns": pa.array([3723000000001, 1], pa.time64("ns")),
+        "date": pa.array([datetime.date(2020, 1, 2), None]),
+        "ts": pa.array([1, 2], pa.timestamp("ns", tz="UTC")),
+        "ts_ms": pa.array([0, 86_400_000], pa.timestamp("ms")),
+        "struct": pa.array([{"x": 1, "y": "z"}, {"x": None, "y": "w"}]),
+        "nested": pa.array(
+            [{"s": {"d": decimal.Decimal("2.5")}}, None], pa.struct([("s", pa.struct([("d", pa.decimal128(4, 1))]))])
+        ),
+        "map": pa.array([[("a", 1), ("b", 2)], []], pa.map_(pa.string(), pa.int64())),
+        "map_bin": pa.array([[(b"\xff", 1.5)], None], pa.map_(pa.binary(), pa.float64())),
+        "list_struct": pa.array([[{"k": 1}, {"k": 2}], []]),
+        "large_bin": pa.array([b"\x00\xff bytes", b"ok"], pa.large_binary()),
+        "list_bin": pa.array([[b"a", b"\xc3\x28"], None], pa.list_(pa.binary())),
+        "fixed": pa.array([b"ab", b"cd"], pa.binary(2)),
+        "f16": pa.array([np.float16(1.5), np.float16("nan")], pa.float16()),
+        "floats": pa.array([float("inf"), float("nan")]),
+        "null": pa.array([None, None], pa.null()),
+        "dict": pa.array(["a", "b"]).dictionary_encode(),
+        "u64": pa.array([2**64 - 1, 0], pa.uint64()),
+    }
+    p = tmp_path / "types.parquet"
+    pq.write_table(pa.table(cols), p)
+    out = read_all(p)
+    assert out["drop_reason"] == ["", ""]
+    extra = [json.loads(e) for e in out["extra"]]
+    for e in out["extra"]:
+        json.loads(e, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    first, second = extra
+    assert first["dec"] == "1.50" and second["dec"] is None and first["dec256"] == "-12345678901234567890.5"
+    assert (first["dur_s"], second["dur_s"], first["dur_ns"]) == (5.0, -3.0, 1.5e-06)
+    assert first["time"] == "01:02:03" and first["date"] == "2020-01-02" and second["date"] is None
+    assert first["ts"].startswith("1970-01-01") and second["ts_ms"].startswith("1970-01-02")
+    assert first["struct"] == {"x": 1, "y": "z"} and first["nested"] == {"s": {"d": "2.5"}}
+    assert first["map"] == [["a", 1], ["b", 2]] and second["map"] == [] and first["map_bin"] == [["\ufffd", 1.5]]
+    assert first["list_struct"] == [{"k": 1}, {"k": 2}]
+    assert first["large_bin"] == "\x00\ufffd bytes" and first["list_bin"] == ["a", "\ufffd("]
+    assert first["fixed"] == "ab" and first["f16"] == 1.5 and second["f16"] is None
+    assert first["floats"] is None and second["floats"] is None
+    assert first["null"] is None and first["dict"] == "a"
+    assert first["u64"] == 2**64 - 1
+    assert len(extra) == n
+    # the text reader shares the conversion
+    t = tmp_path / "docs.parquet"
+    pq.write_table(
+        pa.table({"text": ["a document"], "dec": pa.array([decimal.Decimal("3.14")], pa.decimal128(5, 2))}), t
+    )
+    cfg = TextInputConfig(path=str(t))
+    batch = next(read_text_unit(plan_units(cfg)[0], cfg))
+    assert json.loads(batch["extra"][0]) == {"dec": "3.14"}
+    # values no input format produces still become JSON
+    odd = [np.int64(3), np.float32(0.5), np.bool_(True), np.array([1, 2]), {1, 2}, complex(1, 2), object, b"\xff"]
+    assert json.loads(json.dumps(_jsonable(odd))) == [
+        3,
+        0.5,
+        True,
+        [1, 2],
+        [1, 2],
+        "(1+2j)",
+        "<class 'object'>",
+        "\ufffd",
+    ]
+    keyed = _jsonable({b"k": 1, 2: "\udc80"})  # a lone surrogate (not UTF-8 input) must not break the UTF-8 json
+    assert list(keyed) == ["k", "2"] and json.dumps(keyed, ensure_ascii=False).encode("utf-8")

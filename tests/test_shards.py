@@ -95,3 +95,55 @@ def test_sample_json_keeps_extra_columns_but_mm1data_fields_win():
         "license": "cc-by",
     }
     assert members[f"{row['key']}.txt"] == b"a cat" and tokens == 5
+
+
+def test_shard_uri_keeps_paths_inside_the_corpus():
+    import pytest
+
+    from mm1data.config import ConfigError
+    from mm1data.shards import shard_uri
+
+    assert shard_uri("/data/c", "c-000000.tar") == "/data/c/c-000000.tar"
+    assert shard_uri("/data/c", "part/c-000000.idx") == "/data/c/part/c-000000.idx"
+    assert shard_uri("s3://b/c", "c-000001.tar") == "s3://b/c/c-000001.tar"
+    assert shard_uri("/data/c", "..tar.tar") == "/data/c/..tar.tar"  # dots inside a name are not a parent
+    for bad in [
+        "/etc/passwd",
+        "/data/other/c-000000.tar",
+        "../other/c-000000.tar",
+        "..",
+        "a/../../b.tar",
+        "a/..",
+        "./c.tar",
+        "a//b.tar",
+        "a/",
+        "",
+        "s3://other-bucket/c.tar",
+        "file:///etc/passwd",
+        "http://evil/x.tar",
+        "C:\\\\data\\\\x.tar",
+        "..\\\\..\\\\x.tar",
+        "a\\\\b.tar",
+        "c.tar\x00.idx",
+        "c\n.tar",
+        None,
+        5,
+        ["c.tar"],
+    ]:
+        with pytest.raises(ConfigError, match="not a plain relative path") as e:
+            shard_uri("/data/c", bad, "/data/c/index.json")
+        assert "/data/c/index.json" in str(e.value)
+
+
+def test_corpus_names():
+    import pytest
+
+    from mm1data.config import ConfigError
+    from mm1data.shards import check_corpus_name
+
+    for good in ("caption", "text", "laion-2b", "c4_en.v2", "0", "A.b-c_d"):
+        assert check_corpus_name(good) == good
+    for bad in ("", "../x", "a/b", "/abs", "a\\\\b", "..", "a..b", ".hidden", "-x", "_x", "a b", "caption\n",
+                "s3://b/x", "x" * 129, None, 3, "é"):  # fmt: skip
+        with pytest.raises(ConfigError, match="corpus name"):
+            check_corpus_name(bad)

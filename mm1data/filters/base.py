@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import yaml
 
-from mm1data.config import ConfigError
+from mm1data.config import ConfigError, read_yaml_any, short
 from mm1data.registry import get_filter
 from mm1data.stage import Batch
 
@@ -72,7 +72,7 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
     if isinstance(spec, str):
         path = _find_chain(spec, search_dirs)
         where = str(path)
-        spec = yaml.safe_load(path.read_text()) or []
+        spec = read_yaml_any(path) or []
         if isinstance(spec, dict):
             spec = spec.get("filters", [])
     if not isinstance(spec, (list, tuple)):
@@ -83,15 +83,22 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
             raise ConfigError(f"{where}[{i}]: each filter needs a 'name'")
         entry = dict(entry)
         name = entry.pop("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}[{i}]: a filter name must be a string, got {short(name)}")
         try:
             cls = get_filter(name)
         except KeyError as e:
-            raise ConfigError(f"{where}[{i}]: {e.args[0]}") from None
+            raise ConfigError(f"{where}[{i}]: {short(e.args[0], 300)}") from None
         lo, hi = entry.pop("min", -np.inf), entry.pop("max", np.inf)
-        unknown = sorted(set(entry) - set(cls.params))
+        for key, bound in (("min", lo), ("max", hi)):  # a NaN or text threshold would pass every row silently
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
+                raise ConfigError(f"{where}[{i}] ({name}): {key} must be a number, got {short(bound)}")
+        if lo > hi:
+            raise ConfigError(f"{where}[{i}] ({name}): min {lo} is above max {hi}: every row would fail")
+        unknown = sorted(set(entry) - set(cls.params), key=str)
         if unknown:
             raise ConfigError(
-                f"{where}[{i}] ({name}): unknown key {unknown[0]!r} (known: min, max, "
+                f"{where}[{i}] ({name}): unknown key {short(unknown[0])} (known: min, max, "
                 f"{', '.join(sorted(cls.params)) or '-'})"
             )
         out.append(FilterConfig(name, float(lo), float(hi), entry))

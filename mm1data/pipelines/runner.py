@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
 from mm1data.read import Unit, plan_units
 from mm1data.registry import get_filter
+from mm1data.shards import check_corpus_name
 from mm1data.split import SampleBuilder, ShardConfig, finalize
 from mm1data.stage import Batch
 from mm1data.staging import check_run, mark_staged, pending_units, read_pending, unit_specs, write_staging
 
 log = logging.getLogger(__name__)
-CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,7 @@ class RunConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
 
     def __post_init__(self) -> None:
-        if not CORPUS_NAME.fullmatch(self.corpus) or ".." in self.corpus:
-            raise ValueError(
-                f"corpus must be a plain name of letters, digits, '_', '.' or '-' (no '/' or '..'), got "
-                f"{self.corpus[:100]!r}"
-            )
+        check_corpus_name(self.corpus)  # a `/` or `..` would put shards outside the output folder
 
 
 @dataclass(frozen=True)

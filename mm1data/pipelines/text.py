@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mm1data.config import to_dict
+from mm1data.config import check, to_dict
 from mm1data.dedup import ExactDedup, MinHashConfig, NearDedup, minhash_bands, text_fingerprints
 from mm1data.pipelines.runner import Kind, RunConfig, Stage
 from mm1data.read import TextInputConfig, read_text_unit
@@ -30,6 +30,10 @@ class Config(RunConfig):
     input: TextInputConfig = field(default_factory=TextInputConfig)
     dedup: TextDedupConfig = field(default_factory=TextDedupConfig)
     batch_size: int = 256  # documents per filter / hashing task
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "batch_size", ge=1)
 
 
 def hash_texts(batch: Batch, cfg: TextDedupConfig) -> Batch:

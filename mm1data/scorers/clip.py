@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mm1data import storage
+from mm1data.config import check
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,12 @@ class ClipConfig:
     num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto (cuda when visible) | cpu | cuda
+
+    def __post_init__(self) -> None:
+        check(self, "batch_size", ge=1)
+        check(self, "workers", ge=1)
+        check(self, "num_gpus", ge=0, optional=True)
+        check(self, "precision", choices=("auto", "fp32", "bf16", "fp16"))
 
 
 def load_clip(cfg: ClipConfig, device: str = "cpu"):
