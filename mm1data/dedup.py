@@ -511,7 +511,7 @@ class ExactDedup:
     added: ClassVar[dict[str, str]] = {}  # score-store columns the step adds, with their default
 
     def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
-        hi, lo = key128(t[self.column].to_pylist())
+        hi, lo = key128(t[self.column].to_pylist() if t.num_rows else [])
         return {f"{prefix}hi": hi, f"{prefix}lo": lo}
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:

@@ -157,7 +157,7 @@ def _candidates(batch: dict[str, np.ndarray], output: str, pos: Positions, steps
             part.update(s.candidates(t, f"_s{i}_"))
         parts.append(part)
     if not parts:  # still a batch with every column, so that all blocks share a schema
-        empty = pa.table({c: pa.array([], pa.int64()) for c in ("src_row",)})
+        empty = pa.table({"src_row": pa.array([], pa.int64())})
         part = {"pos": np.zeros(0, dtype=np.int64)}
         for i, s in enumerate(steps):
             part.update(s.candidates(empty, f"_s{i}_"))
@@ -190,7 +190,9 @@ def _dedup(output: str, pos: Positions, steps: list, added: dict[str, str]):
             break
         cands = kept.materialize()
         n = cands.count()
-    return marks[0].union(*marks[1:]) if marks else None
+    if not marks:
+        return None
+    return marks[0].union(*marks[1:]) if len(marks) > 1 else marks[0]
 
 
 def _complete_marks(b: dict[str, np.ndarray], added: dict[str, str]) -> pa.Table:
