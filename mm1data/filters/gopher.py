@@ -179,10 +179,14 @@ class GopherBatch:
         # datatrove: tokens with a letter / all tokens (punctuation tokens included, as NLTK makes them)
         return ratio(self._per_row(self._vocab_mask(_LETTER.search)[self._tokens[1]]), self.n_tokens)
 
-    def stop_words(self, stop: frozenset[str]) -> np.ndarray:
+    def stop_words(self, stop: tuple[str, ...]) -> np.ndarray:
+        """How many of the (lowercase) stop words occur in each row, any case; each counts once."""
         vocab, tok, _ = self._tokens
-        is_stop = np.fromiter(map(stop.__contains__, map(str.lower, vocab)), dtype=bool, count=len(vocab))
-        return self._per_row(is_stop[tok])
+        index = {w: i for i, w in enumerate(stop)}
+        which = np.fromiter((index.get(v.lower(), -1) for v in vocab), dtype=np.int64, count=len(vocab))[tok]
+        hit = which >= 0
+        present = np.unique(self._row[hit].astype(np.int64) * len(stop) + which[hit])  # distinct (row, stop word)
+        return np.bincount(present // max(len(stop), 1), minlength=len(self.texts)).astype(np.float64)
 
     @cached_property
     def lines(self) -> np.ndarray:
@@ -336,13 +340,14 @@ class GopherAlphaWordsFilter(_GopherFilter):
 
 @register_filter("gopher_stop_words")
 class GopherStopWordsFilter(_GopherFilter):
-    """Occurrences of the stop words, case-insensitive (datatrove counts occurrences, case-sensitive)."""
+    """How many different stop words the document holds ("at least two of the following words", Gopher appendix A;
+    datatrove counts distinct words too). Any case: "The" is "the" (datatrove matches case)."""
 
     params = {"column": "text", "stop_words": list(STOP_WORDS)}
 
     def __init__(self, cfg: FilterConfig) -> None:
         super().__init__(cfg)
-        self.stop = frozenset(w.lower() for w in self.p["stop_words"])
+        self.stop = tuple(dict.fromkeys(w.lower() for w in self.p["stop_words"]))
 
     def measure(self, b: GopherBatch) -> np.ndarray:
         return b.stop_words(self.stop)
