@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mm1data import storage
+from mm1data.filters import english
 from mm1data.filters.base import Filter, FilterConfig
 from mm1data.filters.gopher import ColumnCache, ratio
 from mm1data.registry import register_filter
@@ -23,9 +24,6 @@ END_MARKS = (".", "?", "!", '"', "'")  # TFDS: . ? ! " ; datatrove adds '
 ELLIPSIS = "..."
 POLICY = re.compile("terms of use|privacy policy|cookie policy|uses cookies|use of cookies|use cookies")
 CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")  # removed before a line is checked (TFDS)
-# Sentences within a kept line: C4 counts them with NLTK's punkt; this counts a terminal mark followed by spaces and
-# a capital letter, digit or opening quote as a boundary (no abbreviation list, so "Mr. Smith" makes two).
-SENTENCE_BREAK = re.compile(r"[.!?]+[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
 _LINE = re.compile(r"\S[^\n]*")  # a non-blank line, from its first non-space character
 _LOREM = re.compile("lorem ipsum", re.IGNORECASE)
 
@@ -53,7 +51,7 @@ class C4Doc:
             no_end.append(bad_end)
             javascript.append(js)
             policy.append(pol)
-            sentences.append(0 if bad_end or js or pol else 1 + len(SENTENCE_BREAK.findall(line)))
+            sentences.append(0 if bad_end or js or pol else english.sentence_count(line))
         return {
             "words": np.array(words, dtype=np.int64),
             "longest": np.array(longest, dtype=np.int64),
