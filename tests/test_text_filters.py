@@ -482,6 +482,9 @@ def test_empty_missing_and_garbage_text_get_defined_scores():
     for name in out:
         if name.startswith(("gopher_", "c4_")):
             assert out[name][4] == out[name][6] or np.isnan(out[name][4]), name
+    only_empty = run(preset("text_gopher") + preset("text_c4"), ["", " \n "])  # a batch without a single line
+    assert list(only_empty["drop_reason"]) == ["gopher_words", "gopher_words"]
+    assert list(only_empty["c4_lines"]) == [0, 0] and np.isnan(only_empty["c4_short_lines"]).all()
 
 
 def test_a_3mb_document():
