@@ -390,12 +390,16 @@ def test_c4_page_scores():
 def test_badwords_from_a_file(tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("# my list\nspam\neggs and ham\n\nS&P\n")
-    out = run(
-        ["c4_badwords"],
-        ["SPAM, spam and more spam!", "green eggs and ham", "spammer eggs", "the S&P index", ""],
-        words_file=str(words),
-    )
-    assert list(out["c4_badwords"]) == [3, 1, 0, 1, 0]
+    docs = [
+        "SPAM, spam and more spam!",
+        "Green eggs and ham.",
+        "Spammer eggs and more.",
+        "The S&P index fell.",
+        "",
+        "spam spam spam\nThis line holds none of them.",  # the first line has no end mark: C4 removes it first
+    ]
+    out = run(["c4_badwords"], docs, words_file=str(words))
+    assert list(out["c4_badwords"]) == [3, 1, 0, 1, 0, 0]
 
 
 def test_each_c4_rule_trips_with_its_preset_threshold():
@@ -439,6 +443,7 @@ def test_presets_parse():
         "max_word_length": 1000,
     }
     assert by_name["c4_badwords"].max == 0 and by_name["c4_long_word"].max == 1000
+    assert by_name["c4_badwords"].params == {"min_words": 5}  # the lines c4_sentences keeps
 
 
 def test_lang_reads_multiline_text_column():

@@ -240,17 +240,23 @@ class C4LongWordFilter(_C4Filter):
 
 
 @register_filter("c4_badwords")
-class C4BadWordsFilter(_C4Filter):
-    """Bad-word occurrences, whole words, any case. Default list: LDNOOBW English (data/ldnoobw_en.txt)."""
+class C4BadWordsFilter(_KeptLinesFilter):
+    """Bad-word occurrences in the lines C4 keeps (as c4_lines: same min_words and max_word_length), whole words,
+    any case. TFDS and datatrove match the list against the cleaned page, the kept lines; a bad word on a menu line
+    C4 removes anyway does not drop the page. Default list: LDNOOBW English (data/ldnoobw_en.txt)."""
 
-    params = {"column": "text", "words_file": None}
+    params = {**_KeptLinesFilter.params, "words_file": None}
 
     def __init__(self, cfg: FilterConfig) -> None:
         super().__init__(cfg)
         self.pattern = badwords_pattern(load_words(self.p["words_file"]))
 
     def measure(self, b: C4Batch) -> np.ndarray:
-        return np.array([len(self.pattern.findall(low)) if low else 0 for low in b.lower], dtype=np.float64)
+        lines, row = b.lines, b.row
+        found = np.zeros(len(b.texts))
+        for i in np.flatnonzero(b.kept(self.p["min_words"], self.p["max_word_length"])):
+            found[row[i]] += len(self.pattern.findall(lines[i].lower()))
+        return found
 
 
 def load_words(uri: str | None = None) -> list[str]:
