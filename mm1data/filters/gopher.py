@@ -23,6 +23,7 @@ from mm1data.stage import Batch
 # - a count is 0 on empty text; a share is NaN exactly when its denominator is 0 (no lines, no words, empty text),
 #   and NaN passes every threshold, so an empty document is dropped by the count rules (gopher_words, c4_sentences);
 # - None, NaN or a missing value in the column reads as "", bytes as UTF-8 with replacement characters.
+# - tokens and sentences are datatrove's for English, spaCy's blank("en") tokenizer and sentencizer (english.py).
 
 
 def as_text(value: Any) -> str:
