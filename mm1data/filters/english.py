@@ -1,15 +1,16 @@
 """English words and sentences as datatrove splits them: spaCy's blank("en") tokenizer and sentencizer, without spaCy.
 
-datatrove (0.10) splits English with `spacy.blank("en")` and spaCy's rule-based sentencizer: words for the Gopher
-rules, sentences per kept line for the C4 rule. This module runs spaCy's algorithm on spaCy's rules: the prefix,
+datatrove (0.10) splits English with `spacy.blank("en")` and spaCy's rule-based sentencizer (its
+tokenizer_assignment.csv gives English to SpaCyTokenizer; no NLTK, whose punkt model TFDS's C4 used): words for the
+Gopher rules, sentences per kept line for the C4 rule. This module runs spaCy's algorithm on spaCy's rules: the prefix,
 suffix, infix and URL patterns, the tokenizer exceptions ("don't" -> "do", "n't"; "Inc." and "Jan." stay whole) and
 the sentencizer's sentence-final characters, exported from spaCy into data/spacy_en.txt by
 `bench/fidelity.py --export-spacy-rules`. The tokens are spaCy's (tests/test_text_filters.py compares them where
 spaCy is installed), but for two bounds:
 - a run of more than MAX_CHUNK characters without whitespace is one token (spaCy's affix loop is quadratic in it);
-- spaCy also matches an exception that contains an affix across one space (the emoticon "[:" in "x[ :)"), and such a
-  match, though it changes nothing itself, can block an overlapping one ("x[ :)" gives "[", ":", ")" in spaCy, "[",
-  ":)" here). Only runs of emoticon punctuation meet this.
+- spaCy's special-case matcher also matches an exception across one space (the emoticon "[:" in "a[ :)x"), and
+  such a match, though it changes nothing itself, can block an overlapping one: spaCy splits "a[ :)x" into "a", "[",
+  ":", ")", "x", this module into "a", "[", ":)", "x". Only runs of emoticon punctuation meet this.
 
 Speed: text is cut at whitespace (str.split: whitespace never joins a token), each distinct whitespace-free chunk is
 tokenized once per process and cached (as spaCy's tokenizer does), and cheap exact pre-checks (can this character
@@ -304,7 +305,8 @@ def _matched(r: SpacyRules, tokens: list[str]) -> tuple[str, ...]:
     return tuple(out + tokens[i:])
 
 
-_CACHE: dict[str, tuple[str, ...]] = {}
+_CACHE: dict[str, tuple[str, ...]] = {}  # chunk -> its tokens
+_STEPS: dict[str, tuple[int, bool, int, bool]] = {}  # chunk -> what the sentencizer does over it (_sentence_step)
 
 
 def chunk_tokens(chunk: str) -> tuple[str, ...]:
@@ -354,9 +356,6 @@ def _sentence_end_table() -> tuple[np.ndarray, np.ndarray]:
     table = np.zeros(0x10001, dtype=bool)  # the last entry stands for every code point above U+FFFF
     table[ends[ends < 0x10000]] = True
     return table, ends[ends >= 0x10000]
-
-
-_STEPS: dict[str, tuple[int, bool, int, bool]] = {}
 
 
 def _sentence_step(chunk: str) -> tuple[int, bool, int, bool]:
