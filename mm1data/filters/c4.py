@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cached_property
 from importlib import resources
 from typing import Any, ClassVar
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mm1data import storage
+from mm1data.filters import english
 from mm1data.filters.base import Filter, FilterConfig
 from mm1data.filters.gopher import ColumnCache, ratio
 from mm1data.registry import register_filter
@@ -21,86 +23,133 @@ from mm1data.stage import Batch
 # Constants as TFDS c4_utils.py and datatrove's C4QualityFilter.
 END_MARKS = (".", "?", "!", '"', "'")  # TFDS: . ? ! " ; datatrove adds '
 ELLIPSIS = "..."
-POLICY = re.compile("terms of use|privacy policy|cookie policy|uses cookies|use of cookies|use cookies")
+POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")  # removed before a line is checked (TFDS)
-# Sentences within a kept line: C4 counts them with NLTK's punkt; this counts a terminal mark followed by spaces and
-# a capital letter, digit or opening quote as a boundary (no abbreviation list, so "Mr. Smith" makes two).
-SENTENCE_BREAK = re.compile(r"[.!?]+[\"'”’)\]]*\s+(?=[\"'“‘(\[]*[A-Z0-9])")
-_LINE = re.compile(r"\S[^\n]*")  # a non-blank line, from its first non-space character
-_LOREM = re.compile("lorem ipsum", re.IGNORECASE)
 
 
-class C4Doc:
-    """Per-line C4 measurements of one document, computed on first use and shared by the c4_ filters."""
+class C4Batch:
+    """Per-line C4 measurements of every document of a batch, the lines of all documents in flat arrays (row: the
+    document of each line), each part computed on first use and shared by the c4_ filters."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    @cached_property
+    def lower(self) -> list[str]:
+        return [t.lower() for t in self.texts]
+
+    @cached_property
+    def _raw_lines(self) -> tuple[list[str], np.ndarray]:
+        lines, counts = [], []
+        for text in self.texts:
+            mine = list(filter(None, map(str.strip, text.split("\n"))))  # the non-blank lines, stripped
+            lines += mine
+            counts.append(len(mine))
+        return lines, np.repeat(np.arange(len(self.texts)), counts)
+
+    @property
+    def row(self) -> np.ndarray:  # the document of each line
+        return self._raw_lines[1]
+
+    @cached_property
+    def lines(self) -> list[str]:  # the non-blank lines, stripped, citation markers removed (TFDS: before the checks)
+        return [CITATION.sub("", line) if "[" in line else line for line in self._raw_lines[0]]
 
     @cached_property
     def per_line(self) -> dict[str, np.ndarray]:
-        words, longest, sentences, no_end, javascript, policy = [], [], [], [], [], []
-        for m in _LINE.finditer(self.text):
-            line = m.group().rstrip()
-            longest.append(max(map(len, line.split())))
-            if "[" in line:
-                line = CITATION.sub("", line)
-            n_words = len(line.split())
-            low = line.lower()
-            bad_end = not line.endswith(END_MARKS) or line.endswith(ELLIPSIS)
-            js = "javascript" in low
-            pol = POLICY.search(low) is not None
-            words.append(n_words)
-            no_end.append(bad_end)
-            javascript.append(js)
-            policy.append(pol)
-            sentences.append(0 if bad_end or js or pol else 1 + len(SENTENCE_BREAK.findall(line)))
+        raw, lines = self._raw_lines[0], self.lines
+        n = len(lines)
+        # Words, longest word, last character and sentence-final characters of every line at once: the lines, each
+        # ended by "\n", as one array of code points.
+        text = "".join(line + "\n" for line in lines)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ends = np.flatnonzero(codes == 10)  # one "\n" per line
+        ws = _WHITESPACE[np.minimum(codes, len(_WHITESPACE) - 1)]
+        word = ~ws
+        first = np.flatnonzero(word & np.concatenate([[True], ws[:-1]]))  # where each word starts...
+        after = np.flatnonzero(word & np.concatenate([ws[1:], [True]])) + 1  # ...and ends
+        words = np.bincount(np.searchsorted(ends, first), minlength=n)
+        longest = np.zeros(n, dtype=np.int64)
+        if len(first):
+            has = words > 0
+            longest[has] = np.maximum.reduceat(after - first, (np.cumsum(words) - words)[has])
+        for i, (before, after_sub) in enumerate(zip(raw, lines)):
+            if before is not after_sub:  # TFDS measures word lengths before citations go
+                longest[i] = max(map(len, before.split()))
+        last = codes[ends - 1]  # an empty line (all citations) reads the "\n" before it: no end mark
+        length = np.diff(ends, prepend=-1) - 1
+        dots = (length >= 3) & (last == 46) & (codes[ends - 2] == 46) & (codes[ends - 3] == 46)
+        no_end = ~np.isin(last, _END_CODES) | dots
+        javascript = self._lines_with(lambda low: "javascript" in low, lines)
+        policy = self._lines_with(lambda low: any(phrase in low for phrase in POLICY), lines)
+        candidate = ~no_end & ~javascript & ~policy  # kept, given enough words and no long word
+        # one sentence unless a sentence-final character comes before the last one: only those lines are split
+        marks = np.flatnonzero(english.sentence_end_mask(codes))
+        inner = np.bincount(np.searchsorted(ends, marks[codes[marks + 1] != 10]), minlength=n) > 0
+        sentences = candidate.astype(np.int64)
+        for i in np.flatnonzero(candidate & inner):
+            sentences[i] = english.sentence_count(lines[i])
         return {
-            "words": np.array(words, dtype=np.int64),
-            "longest": np.array(longest, dtype=np.int64),
-            "sentences": np.array(sentences, dtype=np.int64),
-            "no_end": np.array(no_end, dtype=bool),
-            "javascript": np.array(javascript, dtype=bool),
-            "policy": np.array(policy, dtype=bool),
+            "words": words,
+            "no_end": no_end,
+            "javascript": javascript,
+            "policy": policy,
+            "candidate": candidate,
+            "sentences": sentences,
+            "longest": longest,
         }
 
-    @property
-    def n_lines(self) -> int:
-        return len(self.per_line["words"])
+    def _lines_with(self, test: Callable[[str], bool], lines: list[str]) -> np.ndarray:
+        """Lines (citations removed) that pass `test` once lowercased, tested only on pages whose text passes it."""
+        flags = np.zeros(len(lines), dtype=bool)
+        pages = np.fromiter(map(test, self.lower_uncited), dtype=bool, count=len(self.texts))
+        for i in np.flatnonzero(pages[self.row]):
+            flags[i] = test(lines[i].lower())
+        return flags
+
+    @cached_property
+    def lower_uncited(self) -> list[str]:
+        # A line's lower() is a piece of its page's (citations never span lines), so a phrase absent from the page
+        # is absent from every line.
+        return [CITATION.sub("", low) if "[" in low else low for low in self.lower]
+
+    @cached_property
+    def n_lines(self) -> np.ndarray:
+        return np.bincount(self.row, minlength=len(self.texts))
+
+    def per_row(self, weights: np.ndarray) -> np.ndarray:
+        return np.bincount(self.row, weights=weights, minlength=len(self.texts))
+
+    def line_share(self, flags: np.ndarray) -> np.ndarray:
+        return ratio(self.per_row(flags), self.n_lines)
 
     def kept(self, min_words: int, max_word_length: int) -> np.ndarray:
         """Lines that C4 keeps: end mark, not ellipsis, >= min_words words, no javascript, no policy phrase, no
         word longer than max_word_length."""
         x = self.per_line
-        return (
-            ~x["no_end"]
-            & ~x["javascript"]
-            & ~x["policy"]
-            & (x["words"] >= min_words)
-            & (x["longest"] <= max_word_length)
-        )
+        return x["candidate"] & (x["words"] >= min_words) & (x["longest"] <= max_word_length)
 
-    def count(self, rule: str) -> int:
-        return int(self.per_line[rule].sum())
-
-    @property
-    def longest_word(self) -> int:
-        return int(self.per_line["longest"].max(initial=0))
+    @cached_property
+    def longest_word(self) -> np.ndarray:  # per page
+        out = np.zeros(len(self.texts))
+        np.maximum.at(out, self.row, self.per_line["longest"])
+        return out
 
 
-def _docs(texts: list[str]) -> list[C4Doc]:
-    return [C4Doc(t) for t in texts]
+# what str.split() splits at (all below U+3001), and END_MARKS, as code points
+_WHITESPACE = np.array([chr(c).isspace() for c in range(0x3002)])
+_END_CODES = np.array([ord(c) for c in END_MARKS])
 
-
-_DOCS: ColumnCache[list[C4Doc]] = ColumnCache(_docs)
+_BATCHES: ColumnCache[C4Batch] = ColumnCache(C4Batch)
 
 
 class _C4Filter(Filter):
     params: ClassVar[dict[str, Any]] = {"column": "text"}
 
     def score(self, batch: Batch) -> np.ndarray:
-        return np.array([self.measure(d) for d in _DOCS.get(batch[self.p["column"]])], dtype=np.float64)
+        return self.measure(_BATCHES.get(batch[self.p["column"]]))
 
-    def measure(self, doc: C4Doc) -> float:
+    def measure(self, b: C4Batch) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -109,8 +158,8 @@ class _LineShareFilter(_C4Filter):
 
     rule: ClassVar[str]
 
-    def measure(self, doc: C4Doc) -> float:
-        return ratio(doc.count(self.rule), doc.n_lines).item()
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return b.line_share(b.per_line[self.rule])
 
 
 class _KeptLinesFilter(_C4Filter):
@@ -121,17 +170,18 @@ class _KeptLinesFilter(_C4Filter):
 class C4LinesFilter(_KeptLinesFilter):
     """Lines that pass every C4 line rule (the lines C4 would keep)."""
 
-    def measure(self, doc: C4Doc) -> float:
-        return int(doc.kept(self.p["min_words"], self.p["max_word_length"]).sum())
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return b.per_row(b.kept(self.p["min_words"], self.p["max_word_length"]))
 
 
 @register_filter("c4_sentences")
 class C4SentencesFilter(_KeptLinesFilter):
-    """Sentences in the lines that pass every C4 line rule (C4: pages under 3 are dropped)."""
+    """Sentences in the lines that pass every C4 line rule, as spaCy's sentencizer counts them (datatrove's C4
+    filter; C4 drops pages under 3). "Acme Inc. makes" is one sentence, "it works. then" two (english.py)."""
 
-    def measure(self, doc: C4Doc) -> float:
-        kept = doc.kept(self.p["min_words"], self.p["max_word_length"])
-        return int(doc.per_line["sentences"][kept].sum())
+    def measure(self, b: C4Batch) -> np.ndarray:
+        kept = b.kept(self.p["min_words"], self.p["max_word_length"])
+        return b.per_row(b.per_line["sentences"] * kept)
 
 
 @register_filter("c4_no_terminal_punct")
@@ -147,8 +197,8 @@ class C4ShortLinesFilter(_C4Filter):
 
     params = {"column": "text", "min_words": 3}
 
-    def measure(self, doc: C4Doc) -> float:
-        return ratio(int((doc.per_line["words"] < self.p["min_words"]).sum()), doc.n_lines).item()
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return b.line_share(b.per_line["words"] < self.p["min_words"])
 
 
 @register_filter("c4_javascript")
@@ -169,38 +219,44 @@ class C4PolicyFilter(_LineShareFilter):
 class C4LoremIpsumFilter(_C4Filter):
     """Occurrences of "lorem ipsum" (any case) in the page."""
 
-    def measure(self, doc: C4Doc) -> float:
-        return len(_LOREM.findall(doc.text))
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return np.array([low.count("lorem ipsum") for low in b.lower], dtype=np.float64)
 
 
 @register_filter("c4_curly_brace")
 class C4CurlyBraceFilter(_C4Filter):
     """Occurrences of "{" in the page."""
 
-    def measure(self, doc: C4Doc) -> float:
-        return doc.text.count("{")
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return np.array([t.count("{") for t in b.texts], dtype=np.float64)
 
 
 @register_filter("c4_long_word")
 class C4LongWordFilter(_C4Filter):
     """Length of the page's longest whitespace-separated word."""
 
-    def measure(self, doc: C4Doc) -> float:
-        return doc.longest_word
+    def measure(self, b: C4Batch) -> np.ndarray:
+        return b.longest_word
 
 
 @register_filter("c4_badwords")
-class C4BadWordsFilter(_C4Filter):
-    """Bad-word occurrences, whole words, any case. Default list: LDNOOBW English (data/ldnoobw_en.txt)."""
+class C4BadWordsFilter(_KeptLinesFilter):
+    """Bad-word occurrences in the lines C4 keeps (as c4_lines: same min_words and max_word_length), whole words,
+    any case. TFDS and datatrove match the list against the cleaned page, the kept lines; a bad word on a menu line
+    C4 removes anyway does not drop the page. Default list: LDNOOBW English (data/ldnoobw_en.txt)."""
 
-    params = {"column": "text", "words_file": None}
+    params = {**_KeptLinesFilter.params, "words_file": None}
 
     def __init__(self, cfg: FilterConfig) -> None:
         super().__init__(cfg)
         self.pattern = badwords_pattern(load_words(self.p["words_file"]))
 
-    def measure(self, doc: C4Doc) -> float:
-        return len(self.pattern.findall(doc.text.lower())) if doc.text else 0
+    def measure(self, b: C4Batch) -> np.ndarray:
+        lines, row = b.lines, b.row
+        found = np.zeros(len(b.texts))
+        for i in np.flatnonzero(b.kept(self.p["min_words"], self.p["max_word_length"])):
+            found[row[i]] += len(self.pattern.findall(lines[i].lower()))
+        return found
 
 
 def load_words(uri: str | None = None) -> list[str]:

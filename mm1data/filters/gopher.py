@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import numpy as np
 import pandas as pd
 
+from mm1data.filters import english
 from mm1data.filters.base import Filter, FilterConfig
 from mm1data.registry import register_filter
 from mm1data.stage import Batch
@@ -22,6 +23,7 @@ from mm1data.stage import Batch
 # - a count is 0 on empty text; a share is NaN exactly when its denominator is 0 (no lines, no words, empty text),
 #   and NaN passes every threshold, so an empty document is dropped by the count rules (gopher_words, c4_sentences);
 # - None, NaN or a missing value in the column reads as "", bytes as UTF-8 with replacement characters.
+# - tokens and sentences are datatrove's for English, spaCy's blank("en") tokenizer and sentencizer (english.py).
 
 
 def as_text(value: Any) -> str:
@@ -81,15 +83,11 @@ def line_count(text: str) -> int:
 # Zero-width patterns: findall returns one shared "" per match, so counting lines costs 8 bytes a line.
 _NONBLANK_LINE = re.compile(r"(?m)^(?=[^\S\n]*\S)")
 _ELLIPSIS_LINE = re.compile(r"(?m)(?=(?:\.\.\.|…)[^\S\n]*$)")
-# Tokens in the manner of NLTK's Treebank word_tokenize, which datatrove's Gopher filters use for English (NLTK is
-# a pure-Python tokenizer whose punkt data is downloaded at run time; one regex pass here): a word is a run of
-# letters/digits/underscores, joined through inner hyphens, apostrophes and periods ("well-known", "don't", "U.S",
-# "3.14") and digit groups ("1,000"); "..." and "--" are one token each, any other non-space character is a token
-# of its own. NLTK differs mainly on contractions ("do" + "n't") and quotes.
-_TOKEN = re.compile(r"\w+(?:[-'’.]\w+|(?<=\d),\d+)*|\.\.+|--+|[^\w\s]")
+# Words are datatrove's: spaCy's English tokens (mm1data/filters/english.py), whitespace dropped. A URL, an e-mail
+# address or "--option" is one token, "don't" is "do" + "n't", "(see" is "(" + "see". Punctuation tokens are tokens
+# (they count in gopher_alpha_words' denominator and in n-grams) but not words.
 _SPACE = re.compile(r"\s")
-_WORD_CHAR = re.compile(r"^\w")  # a word token starts with one; a punctuation token has none
-_LETTER = re.compile(r"[^\W\d_]")
+_WORD = re.compile(r"[^\W_]")  # a word holds a letter or a digit; a token of only punctuation or symbols is no word
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # datatrove: \n{2,}; here blank lines may hold spaces
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher, appendix A
 BULLETS = ("•", "‣", "◦", "⁃", "▪", "●", "-", "*")  # datatrove: • and -; plus other bullet glyphs and markdown's *
@@ -130,15 +128,32 @@ class GopherBatch:
 
     @cached_property
     def _tokens(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
-        parts, counts = [np.zeros(0, dtype=np.int64)], []
+        """(vocabulary, token ids, tokens per row); vocab[i] has id i.
+
+        The texts are cut at whitespace into chunks (str.split, which cuts where spaCy does), chunks become ids, and
+        each distinct chunk's tokens (english.chunk_tokens, cached per process) are laid end to end once; the token
+        sequence is that table gathered along the chunk sequence.
+        """
+        chunk_ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+        parts, chunks_per_row = [np.zeros(0, dtype=np.int64)], []
         for text in self.texts:
-            counts.append(0)
-            for chunk in _chunks(text):
-                toks = _TOKEN.findall(chunk)
-                parts.append(np.fromiter(map(ids.__getitem__, toks), dtype=np.int64, count=len(toks)))
-                counts[-1] += len(toks)
-        return list(ids), np.concatenate(parts), np.array(counts, dtype=np.int64)  # vocab[i] has id i
+            chunks_per_row.append(0)
+            for piece in _chunks(text):
+                chunks = piece.split()
+                parts.append(np.fromiter(map(chunk_ids.__getitem__, chunks), dtype=np.int64, count=len(chunks)))
+                chunks_per_row[-1] += len(chunks)
+        seq = np.concatenate(parts)  # chunk ids in text order
+        per_chunk = list(map(english.chunk_tokens, chunk_ids))  # in id order
+        ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+        table = np.fromiter(map(ids.__getitem__, itertools.chain.from_iterable(per_chunk)), dtype=np.int64)
+        size = np.fromiter(map(len, per_chunk), dtype=np.int64, count=len(per_chunk))
+        first = np.cumsum(size) - size  # where each distinct chunk's tokens start in the table
+        n = size[seq]  # tokens of each chunk occurrence
+        ends = np.cumsum(n)
+        # token j of the text is token (j - start of its occurrence) of its chunk
+        tok = table[np.arange(ends[-1] if len(ends) else 0) + np.repeat(first[seq] - (ends - n), n)]
+        row_ends = np.concatenate([[0], ends])[np.cumsum(chunks_per_row, dtype=np.int64)]
+        return list(ids), tok, np.diff(row_ends, prepend=0)
 
     @cached_property
     def _row(self) -> np.ndarray:  # the row of each token
@@ -166,7 +181,7 @@ class GopherBatch:
 
     @cached_property
     def _is_word(self) -> np.ndarray:  # per token
-        return self._vocab_mask(_WORD_CHAR.search)[self._tokens[1]]
+        return self._vocab_mask(_WORD.search)[self._tokens[1]]
 
     @cached_property
     def words(self) -> np.ndarray:
@@ -176,13 +191,18 @@ class GopherBatch:
         return ratio(self._per_row(self._token_lengths * self._is_word), self.words)
 
     def alpha_share(self) -> np.ndarray:
-        # datatrove: tokens with a letter / all tokens (punctuation tokens included, as NLTK makes them)
-        return ratio(self._per_row(self._vocab_mask(_LETTER.search)[self._tokens[1]]), self.n_tokens)
+        # datatrove: tokens with a letter (str.isalpha) / all tokens, punctuation tokens included
+        has_letter = self._vocab_mask(lambda t: t.isalpha() or any(map(str.isalpha, t)))
+        return ratio(self._per_row(has_letter[self._tokens[1]]), self.n_tokens)
 
-    def stop_words(self, stop: frozenset[str]) -> np.ndarray:
+    def stop_words(self, stop: tuple[str, ...]) -> np.ndarray:
+        """How many of the (lowercase) stop words occur in each row, any case; each counts once."""
         vocab, tok, _ = self._tokens
-        is_stop = np.fromiter(map(stop.__contains__, map(str.lower, vocab)), dtype=bool, count=len(vocab))
-        return self._per_row(is_stop[tok])
+        index = {w: i for i, w in enumerate(stop)}
+        which = np.fromiter((index.get(v.lower(), -1) for v in vocab), dtype=np.int64, count=len(vocab))[tok]
+        hit = which >= 0
+        present = np.unique(self._row[hit].astype(np.int64) * len(stop) + which[hit])  # distinct (row, stop word)
+        return np.bincount(present // max(len(stop), 1), minlength=len(self.texts)).astype(np.float64)
 
     @cached_property
     def lines(self) -> np.ndarray:
@@ -276,7 +296,8 @@ class _GopherFilter(Filter):
 
 @register_filter("gopher_words")
 class GopherWordsFilter(_GopherFilter):
-    """Words (tokens with a letter or digit; punctuation tokens excluded, as datatrove's non-symbol words)."""
+    """Words: tokens with a letter or a digit. datatrove's "non-symbol words" are the tokens with a character outside
+    its punctuation list, so it also counts tokens of other symbols (box drawing, bullets, arrows, emoji) as words."""
 
     def measure(self, b: GopherBatch) -> np.ndarray:
         return b.words
@@ -336,13 +357,14 @@ class GopherAlphaWordsFilter(_GopherFilter):
 
 @register_filter("gopher_stop_words")
 class GopherStopWordsFilter(_GopherFilter):
-    """Occurrences of the stop words, case-insensitive (datatrove counts occurrences, case-sensitive)."""
+    """How many different stop words the document holds ("at least two of the following words", Gopher appendix A;
+    datatrove counts distinct words too). Any case: "The" is "the" (datatrove matches case)."""
 
     params = {"column": "text", "stop_words": list(STOP_WORDS)}
 
     def __init__(self, cfg: FilterConfig) -> None:
         super().__init__(cfg)
-        self.stop = frozenset(w.lower() for w in self.p["stop_words"])
+        self.stop = tuple(dict.fromkeys(w.lower() for w in self.p["stop_words"]))
 
     def measure(self, b: GopherBatch) -> np.ndarray:
         return b.stop_words(self.stop)
