@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from mm1data.pipelines.runner import Kind
     from mm1data.read import Unit
 
+log = logging.getLogger(__name__)
 META_ROWS = 500_000  # rows per meta parquet part (a meta task holds these rows' light columns)
 POS_BITS = 40  # pos = unit index << POS_BITS | offset of the row in its unit (a row number or a byte offset)
 INTERNAL = ("_part", "_row")  # where a row lies in staging: in decided files, not in meta
@@ -95,22 +98,30 @@ def finalize(
     added = {k: v for s in steps for k, v in s.added.items()}  # score-store columns the steps add, with defaults
     ctx = DataContext.get_current()
     strategy, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    t0 = time.perf_counter()
     try:  # task-based shuffles: the default's aggregator actors cost seconds each to start, per shuffle
         marks = _dedup(out, pos, steps, added)
         summaries = _decide(kind, out, pos, marks, added)
     finally:
         ctx.shuffle_strategy = strategy
+    t1 = time.perf_counter()
 
     kept = np.array([s["kept"] for s in summaries], dtype=np.int64)
     kept_before = np.r_[0, np.cumsum(kept)]
     ranges = _plan(out, pos, kind.size_col, cfg.shards, kept_before, np.array([s["kept_bytes"] for s in summaries]))
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
+    t2 = time.perf_counter()
     records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
+    t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
     _write_meta(out, pos.ids, summaries, kept_before, starts, names)
     _remove_stale(out, cfg.corpus, set(names))
+    log.info(
+        "corpus-wide: dedup and decisions %.1fs, shard plan %.1fs, %d shards %.1fs, meta %.1fs",
+        t1 - t0, t2 - t1, len(names), t3 - t2, time.perf_counter() - t3,
+    )  # fmt: skip
 
     counts: Counter[str] = Counter()
     funnel_counts: Counter[str] = Counter()
