@@ -25,6 +25,8 @@ bench: install
 	$(PY) bench/download.py
 	$(PY) bench/minhash.py
 	$(PY) bench/loader.py
+	$(PY) bench/fidelity.py
+	$(PY) bench/scale.py
 
 lint: install
 	$(VENV)/bin/ruff check mm1data tests bench
