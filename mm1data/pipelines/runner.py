@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -196,7 +195,3 @@ def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Uni
         fn_kwargs={"output": cfg.output, "types": kind.columns, "size_col": kind.size_col, "payload": kind.payload},
     )
 
-
-def fingerprint_of(*sections: Any) -> str:
-    """A short stable hash of config sections (for naming derived state)."""
-    return hashlib.sha256(json.dumps(to_dict(list(sections)), sort_keys=True, default=str).encode()).hexdigest()[:16]
