@@ -8,16 +8,22 @@ from collections.abc import Iterator
 
 
 class PeakRSS:
-    """Context manager: a thread that samples VmHWM of every process whose /proc cmdline contains `needle`,
-    leaving out those already running on entry (a finished dataset's actors linger for a while)."""
+    """Context manager: a thread that samples, every `period_s`, the memory of every process whose /proc cmdline
+    contains `needle`, leaving out those already running on entry (a finished dataset's actors linger a while).
+
+    Two figures per process: VmHWM, the kernel's peak RSS, which also counts the pages of Ray's shared object store
+    that the process touched (a worker reading a block maps it); and the largest RssAnon sampled, its private
+    memory, with the process title at that moment (Ray retitles a worker with the task it runs)."""
 
     def __init__(self, needle: str = "ImageDownloader", period_s: float = 0.2) -> None:
-        self.needle, self.period_s, self.peak_kib = needle.encode(), period_s, {}  # pid -> max VmHWM seen
+        self.needle, self.period_s = needle.encode(), period_s
+        self.peak_kib: dict[str, int] = {}  # pid -> max VmHWM seen
+        self.anon_kib: dict[str, tuple[int, str]] = {}  # pid -> (max RssAnon sampled, title then)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PeakRSS:
-        self._old = dict(self._scan())
+        self._old = {pid for pid, *_ in self._scan()}
         self._thread.start()
         return self
 
@@ -25,26 +31,37 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
 
-    def _scan(self) -> Iterator[tuple[str, int]]:
-        """Yields (pid, VmHWM KiB) of the matching processes."""
+    def _scan(self) -> Iterator[tuple[str, int, int, str]]:
+        """Yields (pid, VmHWM KiB, RssAnon KiB, title) of the matching processes."""
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:  # the process may exit between the listing and the reads
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if self.needle not in f.read():
-                        continue
+                    cmdline = f.read()
+                if self.needle not in cmdline:
+                    continue
                 with open(f"/proc/{pid}/status") as f:
-                    yield pid, next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-            except (OSError, StopIteration):
+                    fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM:", "RssAnon:")))
+                title = cmdline.split(b"\0")[0].decode(errors="replace")[:80]
+                yield pid, int(fields["VmHWM"].split()[0]), int(fields["RssAnon"].split()[0]), title
+            except (OSError, KeyError, ValueError):
                 continue
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            for pid, kib in self._scan():
+            for pid, hwm, anon, title in self._scan():
                 if pid not in self._old:
-                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), kib)
+                    self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), hwm)
+                    if anon > self.anon_kib.get(pid, (0, ""))[0]:
+                        self.anon_kib[pid] = (anon, title)
 
     def result(self) -> dict:
         """The max over sampled processes, in MiB (absent if none was seen), and how many there were."""
         if not self.peak_kib:
             return {"rss_pids": 0}
-        return {"peak_rss_mib": max(self.peak_kib.values()) / 1024, "rss_pids": len(self.peak_kib)}
+        anon, title = max(self.anon_kib.values(), default=(0, ""))
+        return {
+            "peak_rss_mib": max(self.peak_kib.values()) / 1024,
+            "peak_private_mib": anon / 1024,
+            "peak_private_in": title,
+            "rss_pids": len(self.peak_kib),
+        }

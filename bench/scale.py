@@ -10,8 +10,9 @@ in units of --unit-rows rows (one staging folder each, parts of 25,000 rows), th
   old       the same step as of commit 378be1b (read_staged into the driver, then finalize), on the same parts
             (hard links in the flat layout it reads), where it fits: sizes up to --old-max rows
 Prints per run: driver peak RSS (ru_maxrss of the process that calls finalize, Ray's client included), the largest
-Ray worker's peak RSS (VmHWM, sampled every 0.2 s from /proc for processes titled ray::...; it counts the shared
-object-store pages a worker touched), wall time, and microseconds per row; then a projection to 2B rows.
+Ray worker's peak RSS (VmHWM of processes titled ray::..., from /proc; it counts the shared object-store pages a
+worker mapped) and its largest private memory (RssAnon sampled every 0.2 s, with the task the worker ran then),
+wall time, and microseconds per row; then a projection to 2B rows.
 Nothing here is asserted; the machine is shared, so wall times move with its load.
 
     .venv/bin/python bench/scale.py [--caption 1e6,3e6,1e7] [--text 1e6,3e6] [--old-max 3e6] [--dir /tmp/mm1scale]
@@ -203,6 +204,8 @@ def measure(version: str, kind: str, root: str, cpus: int) -> dict:
         "wall_s": wall,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_peak_mib": rss.result().get("peak_rss_mib", 0.0),
+        "worker_private_mib": rss.result().get("peak_private_mib", 0.0),
+        "worker_private_in": rss.result().get("peak_private_in", ""),
         "kept": index["funnel"]["kept"],
         "rows_in": index["funnel"]["rows_in"],
         "dropped": index["funnel"]["dropped"],
@@ -251,7 +254,10 @@ def main() -> None:
         f"rows, LSH groups {dedup._BAND_ROWS_PER_GROUP:,} band rows, CC groups {dedup.CC_ROWS_PER_GROUP:,} edges, "
         f"meta parts {split.META_ROWS:,} rows"
     )
-    print(f"{'kind':<8}{'rows':>12}{'code':>5}{'wall s':>9}{'us/row':>8}{'driver MiB':>12}{'worker MiB':>12}  kept")
+    print(
+        f"{'kind':<8}{'rows':>12}{'code':>5}{'wall s':>9}{'us/row':>8}{'driver MiB':>12}{'worker MiB':>12}"
+        f"{'private':>9}  kept; where the largest private worker memory was"
+    )
     figures = []
     for kind, sizes in (("caption", args.caption), ("text", args.text)):
         for n in (int(float(x)) for x in sizes.split(",") if x):
@@ -269,7 +275,8 @@ def main() -> None:
                 us = r["wall_s"] / n * 1e6
                 print(
                     f"{kind:<8}{n:>12,}{version:>5}{r['wall_s']:>9.1f}{us:>8.1f}{r['driver_peak_mib']:>12.0f}"
-                    f"{r['worker_peak_mib']:>12.0f}  {r['kept']:,} {r['dropped']}",
+                    f"{r['worker_peak_mib']:>12.0f}{r['worker_private_mib']:>9.0f}  {r['kept']:,} {r['dropped']}; "
+                    f"{r['worker_private_in']}",
                     flush=True,
                 )
                 for sub in ("new", "old"):

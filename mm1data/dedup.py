@@ -303,6 +303,17 @@ def minhash_bands(texts: Sequence[str], cfg: MinHashConfig) -> np.ndarray:
 # LOCAL_CC_EDGES edges, on the driver with scipy: a constant bound, not one that grows with the corpus).
 
 
+def _by_group(ds: ray.data.Dataset, parts: int, fn: Callable, key: Callable | None = None) -> ray.data.Dataset:
+    """fn over every group of rows: one group per value of `key(batch)` (or of the `part` column the rows carry),
+    by a shuffle. With a single group there is nothing to shuffle: all rows go to one task (a shuffle's start-up
+    costs seconds, which would dominate a small run)."""
+    if parts == 1:
+        return ds.repartition(1).map_batches(fn, batch_size=None, batch_format="numpy")
+    if key is not None:
+        ds = ds.map_batches(lambda b: {**b, "part": np.asarray(key(b)).astype(np.int64)}, batch_format="numpy")
+    return ds.groupby("part", num_partitions=parts).map_groups(fn, batch_format="numpy")
+
+
 class _BandRows:
     """Batch of (id, bands) rows -> one row per band: part (group), band, hash, id."""
 
@@ -344,7 +355,7 @@ def lsh_edges(ds: ray.data.Dataset, cfg: MinHashConfig, id_col: str = "pos", ban
     `ds` is counted first to size the groups: cheap when it is materialised or read from parquet."""
     parts = max(1, math.ceil(ds.count() * cfg.bands / _BAND_ROWS_PER_GROUP))
     keyed = ds.map_batches(_BandRows(id_col, bands_col, cfg.bands, parts), batch_format="numpy", batch_size=4096)
-    return keyed.groupby("part", num_partitions=parts).map_groups(_bucket_edges, batch_format="numpy")
+    return _by_group(keyed, parts, _bucket_edges)
 
 
 def near_duplicates(
@@ -429,8 +440,7 @@ def _star(group: dict[str, np.ndarray], large: bool) -> dict[str, np.ndarray]:
 def _round(edges: ray.data.Dataset, n: int, large: bool) -> ray.data.Dataset:
     parts = max(1, math.ceil(2 * n / CC_ROWS_PER_GROUP))
     directed = edges.map_batches(_Directed(large, parts), batch_format="numpy", batch_size=65536)
-    fn = functools.partial(_star, large=large)
-    return directed.groupby("part", num_partitions=parts).map_groups(fn, batch_format="numpy").materialize()
+    return _by_group(directed, parts, functools.partial(_star, large=large)).materialize()
 
 
 def _roots(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -466,8 +476,7 @@ def connected_components(edges: ray.data.Dataset) -> ray.data.Dataset:
     else:
         raise RuntimeError(f"connected components did not converge in {_MAX_ROUNDS} rounds")
     parts = max(1, math.ceil(n / CC_ROWS_PER_GROUP))
-    keyed = e.map_batches(lambda s: {**s, "part": _part(s["b"], parts)}, batch_format="numpy")
-    return keyed.groupby("part", num_partitions=parts).map_groups(_roots, batch_format="numpy")
+    return _by_group(e, parts, _roots, lambda s: _part(s["b"], parts))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,14 +526,13 @@ class ExactDedup:
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
         """-> (the candidates still kept, marks (pos, reason))."""
         parts = max(1, math.ceil(n / ROWS_PER_GROUP))
-        keyed = ds.map_batches(lambda b: {**b, "_g": (b[f"{prefix}hi"] % np.uint64(parts)).astype(np.int64)})
         fn = functools.partial(_first_copies, prefix=prefix)
-        out = keyed.groupby("_g", num_partitions=parts).map_groups(fn, batch_format="numpy").materialize()
+        out = _by_group(ds, parts, fn, lambda b: b[f"{prefix}hi"] % np.uint64(parts)).materialize()
         reason = self.reason
         marks = out.map_batches(
             lambda b: {"pos": b["pos"][b["_dup"]], "reason": np.full(int(b["_dup"].sum()), reason, dtype=object)}
         )
-        kept = out.map_batches(lambda b: {k: v[~b["_dup"]] for k, v in b.items() if k not in ("_dup", "_g")})
+        kept = out.map_batches(lambda b: {k: v[~b["_dup"]] for k, v in b.items() if k not in ("_dup", "part")})
         return kept, marks
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from mm1data.read import Unit
 
 log = logging.getLogger(__name__)
-META_ROWS = 500_000  # rows per meta parquet part (a meta task holds these rows' light columns)
+META_ROWS = 1_000_000  # rows per meta parquet part (its task holds one unit's rows at a time, and the compressed part)
 POS_BITS = 40  # pos = unit index << POS_BITS | offset of the row in its unit (a row number or a byte offset)
 INTERNAL = ("_part", "_row")  # where a row lies in staging: in decided files, not in meta
 
@@ -223,46 +223,87 @@ def _complete_marks(b: dict[str, np.ndarray], added: dict[str, str]) -> pa.Table
 # ---- decide --------------------------------------------------------------------------------------------------
 
 
+LOCAL_MARKS = 4_000_000  # up to this many dedup marks (~100 MB) reach the decide tasks whole, without a shuffle
+
+
 def _decide(kind: Kind, output: str, pos: Positions, marks, added: dict[str, str]) -> list[dict[str, Any]]:
     """Every unit's rows get their final drop reasons (and the added columns) in a decided file; -> a summary per
-    unit, in unit order: rows, kept, kept_bytes, reasons, funnel."""
+    unit, in unit order: rows, kept, kept_bytes, reasons, funnel.
+
+    The marks go to their units by a shuffle grouped by unit; up to LOCAL_MARKS of them (a constant bound) are
+    instead sorted by one task and handed whole to tasks over ranges of units: a shuffle costs seconds of fixed
+    start-up, which would dominate a small run."""
     import ray
 
     n_units = len(pos.ids)
     if n_units == 0:
         return []
-    rows = ray.data.from_items(
-        [{"unit": i, "pos": -1, "reason": ""} for i in range(n_units)], override_num_blocks=_unit_blocks(n_units)
-    ).map_batches(_complete_marks, fn_kwargs={"added": added}, batch_format="numpy")
-    every = rows.union(marks) if marks is not None else rows
-    parts = max(1, min(n_units, 64))
     fn_kwargs = {"kind": kind, "output": output, "pos": pos, "added": added}
-    summaries = every.groupby("unit", num_partitions=parts).map_groups(
-        _decide_unit, batch_format="numpy", fn_kwargs=fn_kwargs
-    )
+    marks = marks.materialize() if marks is not None else None
+    if marks is None or marks.count() <= LOCAL_MARKS:
+        refs = []  # the marks, sorted by unit in one block (or more, if Ray cuts it by size)
+        if marks is not None:
+            sort = marks.repartition(1).map_batches(_sort_marks, batch_size=None, batch_format="pyarrow")
+            refs = sort.materialize().to_arrow_refs()
+        units = ray.data.from_items([{"unit": i} for i in range(n_units)], override_num_blocks=_unit_blocks(n_units))
+        summaries = units.map_batches(_decide_units, batch_size=None, fn_kwargs={**fn_kwargs, "marks": refs})
+    else:
+        rows = ray.data.from_items(
+            [{"unit": i, "pos": -1, "reason": ""} for i in range(n_units)], override_num_blocks=_unit_blocks(n_units)
+        ).map_batches(_complete_marks, fn_kwargs={"added": added}, batch_format="numpy")
+        groups = rows.union(marks).groupby("unit", num_partitions=max(1, min(n_units, 256)))
+        summaries = groups.map_groups(_decide_group, batch_format="numpy", fn_kwargs=fn_kwargs)
     out = [json.loads(s) for b in summaries.iter_batches(batch_size=None) for s in b["summary"]]
     return sorted(out, key=lambda s: s["unit"])
 
 
+def _sort_marks(t: pa.Table) -> pa.Table:
+    return t.sort_by([("unit", "ascending"), ("pos", "ascending")])
+
+
+def _decide_units(batch: dict[str, np.ndarray], marks: list, **kw: Any) -> dict[str, np.ndarray]:
+    """Ray task: a range of units, with all the marks (few: sorted by unit) -> a summary per unit."""
+    import ray
+
+    tables = [t for t in ray.get(marks) if t.num_rows]  # (a step that marked nothing leaves a block without columns)
+    table = pa.concat_tables(tables) if tables else None
+    units = table["unit"].to_numpy() if table is not None else np.zeros(0, dtype=np.int64)
+    out = []
+    for u in batch["unit"].tolist():
+        a, b = np.searchsorted(units, [u, u + 1])
+        group = (
+            {c: table[c].slice(a, b - a).to_numpy(zero_copy_only=False) for c in table.column_names} if b > a else {}
+        )
+        out.append(_decide_unit(u, group, **kw))
+    return {"summary": np.array(out, dtype=object)}
+
+
+def _decide_group(group: dict[str, np.ndarray], **kw: Any) -> dict[str, np.ndarray]:
+    """One unit's group of the shuffle (its marks, and the row with pos -1 that every unit has) -> its summary."""
+    m = group["pos"] >= 0
+    return {"summary": np.array([_decide_unit(int(group["unit"][0]), {c: v[m] for c, v in group.items()}, **kw)])}
+
+
 def _decide_unit(
-    group: dict[str, np.ndarray], kind: Kind, output: str, pos: Positions, added: dict[str, str]
-) -> dict[str, np.ndarray]:
-    u = int(group["unit"][0])
+    u: int, marks: dict[str, np.ndarray], kind: Kind, output: str, pos: Positions, added: dict[str, str]
+) -> str:
+    """Applies a unit's marks (pos, reason, added columns; {} for none) to its staged rows, writes its decided file;
+    -> its summary as JSON."""
     summary = {"unit": u, "rows": 0, "kept": 0, "kept_bytes": 0, "reasons": {}, "funnel": {}}
     t = read_unit_staged(output, pos.ids[u], exclude=kind.payload)
     if t is not None:
         row_pos = pos.encode(u, t["src_row"].to_numpy())  # ascending: staged rows come sorted by src_row
         reason = t["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
         extra = {col: np.full(t.num_rows, default, dtype=object) for col, default in added.items()}
-        m = group["pos"] >= 0
-        at = np.searchsorted(row_pos, group["pos"][m])
-        if len(at) and (at.max() >= len(row_pos) or not np.array_equal(row_pos[at], group["pos"][m])):
-            raise RuntimeError(f"unit {pos.ids[u]}: a dedup mark names a row that is not staged")
-        new = group["reason"][m].astype(object)
-        set_reason = (new != "") & (reason[at] == "")
-        reason[at[set_reason]] = new[set_reason]
-        for col in added:
-            extra[col][at] = group[col][m]
+        if marks:
+            at = np.searchsorted(row_pos, marks["pos"])
+            if at.max() >= len(row_pos) or not np.array_equal(row_pos[at], marks["pos"]):
+                raise RuntimeError(f"unit {pos.ids[u]}: a dedup mark names a row that is not staged")
+            new = marks["reason"].astype(object)
+            set_reason = (new != "") & (reason[at] == "")
+            reason[at[set_reason]] = new[set_reason]
+            for col in added:
+                extra[col][at] = marks[col]
         t = t.set_column(t.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist(), pa.string()))
         for col, values in extra.items():
             t = t.append_column(col, pa.array(values.tolist(), pa.string()))
@@ -276,7 +317,7 @@ def _decide_unit(
             reasons=dict(Counter(r for r in reason.tolist() if r)),
             funnel=kind.funnel(t),
         )
-    return {"summary": np.array([json.dumps(summary)], dtype=object)}
+    return json.dumps(summary)
 
 
 def _write_parquet(uri: str, table: pa.Table) -> None:
@@ -417,21 +458,33 @@ def write_meta_part(
     output: str, j: int, ids: list[str], units: list[tuple[int, int]], shard_starts: np.ndarray, names: list[str]
 ) -> None:
     """Ray task: meta/part-{j}.parquet from the decided files of `units` [(unit, its first kept rank)], each kept row
-    with its shard's name."""
-    tables = []
-    for u, first_rank in units:
-        t = _read_parquet(decided_uri(output, ids[u]))
-        kept = t["drop_reason"].to_numpy(zero_copy_only=False) == ""
-        shard = np.full(t.num_rows, "", dtype=object)
-        ranks = first_rank + np.arange(int(kept.sum()))
-        shard[kept] = np.asarray(names, dtype=object)[np.searchsorted(shard_starts, ranks, side="right") - 1]
-        t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
-        tables.append(t)
-    if tables:
-        table = pa.concat_tables(tables, promote_options="default")
-    else:  # a run with no rows still has a (empty) score store
-        table = pa.table({c: pa.array([], pa.string()) for c in ("key", "src_file", "drop_reason", "shard")})
-    _write_parquet(storage.join(output, "meta", f"part-{j:06d}.parquet"), table)
+    with its shard's name. Units are written one at a time (a row group each): the task holds one unit's rows."""
+    uris = [decided_uri(output, ids[u]) for u, _ in units]
+    schemas = []
+    for uri in uris:
+        with storage.open_seekable(uri) as f:
+            schemas.append(pq.ParquetFile(f).schema_arrow)
+    empty = pa.schema([(c, pa.string()) for c in ("key", "src_file", "drop_reason")])  # a run with no rows at all
+    schema = pa.unify_schemas(schemas) if schemas else empty
+    schema = pa.schema([f for f in schema if f.name not in INTERNAL]).append(pa.field("shard", pa.string()))
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
+        for uri, (_, first_rank) in zip(uris, units):
+            t = _read_parquet(uri)
+            kept = t["drop_reason"].to_numpy(zero_copy_only=False) == ""
+            shard = np.full(t.num_rows, "", dtype=object)
+            ranks = first_rank + np.arange(int(kept.sum()))
+            shard[kept] = np.asarray(names, dtype=object)[np.searchsorted(shard_starts, ranks, side="right") - 1]
+            t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
+            writer.write_table(pa.table({f.name: _column(t, f) for f in schema}, schema=schema))
+    storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
+
+
+def _column(t: pa.Table, field: pa.Field) -> pa.Array:
+    """t's column as `field` says, or nulls where this unit's table lacks it."""
+    if field.name not in t.column_names:
+        return pa.nulls(t.num_rows, field.type)
+    return t[field.name].cast(field.type)
 
 
 def _write_meta(

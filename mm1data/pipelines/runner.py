@@ -194,4 +194,3 @@ def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Uni
         num_cpus=0.25,
         fn_kwargs={"output": cfg.output, "types": kind.columns, "size_col": kind.size_col, "payload": kind.payload},
     )
-
