@@ -32,6 +32,15 @@ USER_AGENT_TOKEN = "mm1data"
 USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/0.1; +https://github.com/mm1data/mm1data)"
 REDIRECTS = (301, 302, 303, 307, 308)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+# img2dataset's interpolation names -> Pillow's filters. "area" (cv2.INTER_AREA, img2dataset's downscale default)
+# averages the source pixels under each target pixel, which is what Pillow's BOX filter computes.
+INTERPOLATION = {
+    "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+    "cubic": Image.Resampling.BICUBIC,
+    "linear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 PIL_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # kept as fetched when unchanged
 URL_SAFE = "/?#[]@!$&'()*+,;=:%~"  # reserved characters and existing escapes stay; non-ASCII is percent-encoded
 MAX_CONNECTIONS = 8  # keep-alive connections kept per thread (web lists are mostly distinct hosts)
@@ -54,6 +63,8 @@ class DownloadConfig:
     image_size: int = 512  # target side in px for the resize mode
     resize_mode: str = "keep_ratio"  # no | keep_ratio | keep_ratio_largest | center_crop | border (img2dataset's)
     resize_only_if_bigger: bool = True  # never upscale
+    downscale_interpolation: str = "area"  # area | lanczos | cubic | linear | nearest (img2dataset's default: area)
+    upscale_interpolation: str = "lanczos"  # the same choices (img2dataset's default: lanczos)
     encode_format: str = "jpg"  # jpg | png | webp for resized images (unchanged jpg/png/webp keep their bytes)
     encode_quality: int = 95
     allow_private_hosts: bool = False  # fetch from private/loopback/link-local/metadata addresses (tests, demo)
@@ -69,6 +80,8 @@ class DownloadConfig:
         check(self, "encode_quality", ge=0, le=100)
         check(self, "resize_mode", choices=RESIZE_MODES)
         check(self, "encode_format", choices=("jpg", "png", "webp"))
+        check(self, "downscale_interpolation", choices=tuple(INTERPOLATION))
+        check(self, "upscale_interpolation", choices=tuple(INTERPOLATION))
 
 
 class FetchError(Exception):
@@ -376,11 +389,8 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
         im = _to_rgb(im)
         if resize:  # as img2dataset: crop and border apply only when the image is resized
             up = tw > im.size[0]
-            im = im.resize(
-                (tw, th),
-                Image.Resampling.BICUBIC if up else Image.Resampling.LANCZOS,
-                reducing_gap=None if up else 3.0,
-            )
+            mode = cfg.upscale_interpolation if up else cfg.downscale_interpolation
+            im = im.resize((tw, th), INTERPOLATION[mode])
             if cfg.resize_mode == "center_crop":
                 s = min(im.size)
                 left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2

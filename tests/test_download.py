@@ -334,3 +334,23 @@ def test_download_stage_refuses_hosts_that_resolve_to_embedded_private_addresses
     out = run_stage(urls, allow_private_hosts=False)
     assert list(out["drop_reason"]) == ["private_host"] * 3
     assert server.routes["/ok.jpg"].hits == 0  # refused before connecting
+
+
+def test_resize_uses_img2dataset_interpolations():
+    """Downscaling averages the source pixels (img2dataset's default "area", Pillow's BOX) after the reduced JPEG
+    decode; another interpolation can be chosen, and an unknown name is a config error."""
+    from mm1data.config import ConfigError
+    from mm1data.pipelines import load_run_config
+
+    body = jpeg(900, 600, seed=3)
+    out = {}
+    for mode in ("area", "nearest"):
+        d = decode_image(body, DownloadConfig(image_size=256, downscale_interpolation=mode, encode_format="png"))
+        out[mode] = Image.open(io.BytesIO(d.data)).convert("RGB")
+    ref = Image.open(io.BytesIO(body))
+    ref.draft("RGB", (384, 256))
+    ref = ref.convert("RGB").resize((384, 256), Image.Resampling.BOX)
+    assert out["area"].size == (384, 256) and out["area"].tobytes() == ref.tobytes()
+    assert out["nearest"].tobytes() != out["area"].tobytes()
+    with pytest.raises(ConfigError, match="downscale_interpolation"):
+        load_run_config("pipelines/caption.yaml", ["download.downscale_interpolation=bicubic"])
