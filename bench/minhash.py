@@ -258,7 +258,8 @@ def quality(corpus: Corpus, n: int) -> np.ndarray:
         }
     )
     t0 = time.perf_counter()
-    roots = dedup.near_duplicates(ray.data.from_arrow(table), CFG).to_pandas().sort_values("id")
+    with dedup.task_shuffles():
+        roots = dedup.near_duplicates(ray.data.from_arrow(table), CFG).to_pandas().sort_values("id")
     ids, cluster = roots["id"].to_numpy(), roots["root"].to_numpy()
     t_lsh = time.perf_counter() - t0
     ray.shutdown()

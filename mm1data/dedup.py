@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -303,6 +304,21 @@ def minhash_bands(texts: Sequence[str], cfg: MinHashConfig) -> np.ndarray:
 # LOCAL_CC_EDGES edges, on the driver with scipy: a constant bound, not one that grows with the corpus).
 
 
+@contextlib.contextmanager
+def task_shuffles():
+    """Ray Data shuffles (groupby) as tasks while inside: Ray's default hash shuffle starts aggregator actors, which
+    costs seconds per shuffle on a small cluster; its sort shuffle reuses the task workers. Datasets run inside."""
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    strategy, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = strategy
+
+
 def _by_group(ds: ray.data.Dataset, parts: int, fn: Callable, key: Callable | None = None) -> ray.data.Dataset:
     """fn over every group of rows: one group per value of `key(batch)` (or of the `part` column the rows carry),
     by a shuffle. With a single group there is nothing to shuffle: all rows go to one task (a shuffle's start-up
@@ -466,15 +482,16 @@ def connected_components(edges: ray.data.Dataset) -> ray.data.Dataset:
         ids, root = join_clusters(a, b)
         return ray.data.from_arrow(pa.table({"id": ids, "root": root}))
     e = undirected
-    for _ in range(_MAX_ROUNDS):
-        large = _round(e, n, large=True)
-        if not large.sum("c"):  # a forest of stars centred on each component's minimum
-            e = large
-            break
-        e = _round(large, n, large=False)
-        n = e.count()
-    else:
-        raise RuntimeError(f"connected components did not converge in {_MAX_ROUNDS} rounds")
+    with task_shuffles():
+        for _ in range(_MAX_ROUNDS):
+            large = _round(e, n, large=True)
+            if not large.sum("c"):  # a forest of stars centred on each component's minimum
+                e = large
+                break
+            e = _round(large, n, large=False)
+            n = e.count()
+        else:
+            raise RuntimeError(f"connected components did not converge in {_MAX_ROUNDS} rounds")
     parts = max(1, math.ceil(n / CC_ROWS_PER_GROUP))
     return _by_group(e, parts, _roots, lambda s: _part(s["b"], parts))
 

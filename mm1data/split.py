@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from mm1data import __version__, storage
 from mm1data.config import check, to_dict
+from mm1data.dedup import task_shuffles
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import read_unit_staged, staging_uri, unit_dir
@@ -89,21 +90,14 @@ def finalize(
 ) -> dict[str, Any]:
     """Dedup, decide, shard, meta, index.json (last); returns the index. `cfg` is the resolved run config (it goes
     into index.json); `check` raises if this process no longer holds the output (called before index.json)."""
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
     out = cfg.output
     pos = Positions(units)
     steps = kind.dedup(cfg)
     added = {k: v for s in steps for k, v in s.added.items()}  # score-store columns the steps add, with defaults
-    ctx = DataContext.get_current()
-    strategy, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     t0 = time.perf_counter()
-    try:  # task-based shuffles: the default's aggregator actors cost seconds each to start, per shuffle
+    with task_shuffles():
         marks = _dedup(out, pos, steps, added)
         summaries = _decide(kind, out, pos, marks, added)
-    finally:
-        ctx.shuffle_strategy = strategy
     t1 = time.perf_counter()
 
     kept = np.array([s["kept"] for s in summaries], dtype=np.int64)
