@@ -91,3 +91,21 @@ def test_text_warc_from_s3_to_s3(ray_session, tmp_path):
     samples = list(wds.WebDataset([str(tmp_path / "s.tar")], shardshuffle=False))
     assert [s["txt"].decode() for s in samples] == [GOOD, "\n".join(ARTICLE)]
     assert json.loads(samples[1]["json"])["url"] == "http://a.example/2"
+
+
+@pytest.mark.slow
+def test_the_output_does_not_depend_on_how_the_input_is_cut(ray_session, tmp_path):
+    """Units of 3 KB or of the whole file, one shard writer or one per CPU: the same keys, drop reasons, clusters and
+    shard bytes (keys come from byte offsets, dedup keeps the first copy in input order, whatever ran where)."""
+    lines, _ = make_text_corpus(120, seed=11)
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    runs = {}
+    for name, extra in [("small units", ["input.bytes_per_unit=3000", "shards.workers=1"]), ("one unit", [])]:
+        out = tmp_path / name.replace(" ", "_")
+        index = run_pipeline("pipelines/text.yaml", str(inp), str(out), ["shards.samples_per_shard=25", *extra])
+        rows = pq.read_table(out / "meta").to_pylist()
+        meta = sorted(({k: None if v != v else v for k, v in m.items()} for m in rows), key=lambda m: m["key"])
+        runs[name] = ([(s["path"], s["sha256"]) for s in index["shards"]], meta, index["funnel"])
+    assert len(os.listdir(tmp_path / "small_units" / "_staging" / "rows")) > 5  # many units
+    assert runs["small units"] == runs["one unit"]
