@@ -311,13 +311,8 @@ def test_packer_state_resumes_the_exact_sequence_stream(cfg):
         state, taken = json.loads(json.dumps(packer.state_dict())), pulled
         assert state["sequences"] == k and len(state["buffer"]) <= 8 and len(state["opened"]) <= packer.max_open
         fetched = []
-
-        def fetch(refs):
-            fetched.extend(refs)
-            return [items[p] for _, p in refs]
-
         again = SequencePacker(cfg, lookahead=8)
-        again.load_state_dict(state, fetch)
+        again.load_state_dict(state, lambda refs, out=fetched: out.extend(refs) or [items[p] for _, p in refs])
         rest = list(again.pack(items[taken:]))
         assert [s["input_ids"] for s in first + rest] == [s["input_ids"] for s in full], k
         assert [s["keys"] for s in first + rest] == [s["keys"] for s in full]
