@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,8 +106,11 @@ def train(
     resume: bool = False,
     force: bool = False,
     overrides: list[str] = (),
+    batches: Iterable[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train until global step `steps`; returns a summary (losses at the first and last step, held-out losses)."""
+    """Train until global step `steps`; returns a summary (losses at the first and last step, held-out losses).
+    `batches` (collated, this process's share of each step) replaces the manifest's streams: benchmarks feed random
+    tensors through it to show what the loader costs."""
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config, overrides)
     # ---- processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; alone, this is rank 0 of 1
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -137,7 +141,11 @@ def train(
         )
     tok = load_tokenizer(cfg.tokenizer)
     mine = range(rank * streams // world, (rank + 1) * streams // world)
-    loaders = [make_stream(manifest, cfg, s, streams, tok, cfg.batch_size // streams) for s in mine]
+    loaders = (
+        [make_stream(manifest, cfg, s, streams, tok, cfg.batch_size // streams) for s in mine]
+        if batches is None
+        else []
+    )
     heldout = [s.name for s in manifest.sources if s.holdout]
     evalset = MixtureDataset(manifest, image_size=manifest.sequence.image_size, io_threads=cfg.io_threads)
 
@@ -184,7 +192,7 @@ def train(
         )  # fmt: skip
     peak = cfg.peak_flops or (peak_flops(device) if cuda else None)
     bar = progress(step, steps, cfg.log_every) if main else None
-    iters = [iter(loader) for loader in loaders]
+    iters = [iter(loader) for loader in loaders] if batches is None else [iter(batches)]
     summary: dict[str, Any] = {"out": out, "start_step": step}
 
     # ---- the loop
@@ -272,7 +280,8 @@ def train(
         bar.close()
         plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     for it in iters:
-        it.close()
+        if hasattr(it, "close"):
+            it.close()
     if world > 1:
         dist.barrier()
     summary["steps"] = step
