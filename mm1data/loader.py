@@ -498,7 +498,7 @@ class _Reader:
         window that no thread has started yet instead (pool threads skip what it claimed)."""
         pool = ThreadPoolExecutor(self.ds.io_threads, thread_name_prefix="mm1data-read")
         pending: collections.deque[_Task] = collections.deque()
-        windows = self._windows(plan)
+        windows, started = self._windows(plan), False
         try:
             while True:
                 while len(pending) <= 2 * self.ds.io_threads:  # read-ahead bound (memory: these windows)
@@ -506,13 +506,21 @@ class _Reader:
                     if window is None:
                         break
                     pending.append(task := _Task(self._load, window))
-                    pool.submit(task.run)
+                    if started:
+                        pool.submit(task.run)
                 if not pending:
                     return
-                if not pending[0].done.is_set() and not any(task.run() for task in pending):
-                    pending[0].done.wait()
-                if pending[0].done.is_set():
+                head = pending[0]
+                # The first window (one sample) runs here before any thread starts (starting one waits for the GIL);
+                # later, help with any window no thread has started, but only after the head, which comes first.
+                if not head.done.is_set() and not (head.run() or (started and any(t.run() for t in pending))):
+                    head.done.wait()
+                if head.done.is_set():
                     yield from self._emit(pending.popleft().get())
+                    if not started:  # the first sample is out: now start the threads
+                        started = True
+                        for task in pending:
+                            pool.submit(task.run)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
