@@ -56,7 +56,7 @@ def random_batches(manifest_path: str, cfg: Any, n: int) -> list[dict[str, Any]]
     """n batches with the layout of the loader's first n (one process's share of a step), random ids and pixels."""
     manifest = load_manifest(manifest_path)
     tok = load_tokenizer(cfg.tokenizer)
-    stream = iter(make_stream(manifest, cfg, 0, 1, tok, cfg.batch_size))
+    stream = iter(make_stream(manifest, cfg, 0, 1, tok, torch.cuda.is_available()))
     g = torch.Generator().manual_seed(0)
     out = []
     for batch in itertools.islice(stream, n):

@@ -414,19 +414,18 @@ class MM1(nn.Module):
     def num_params(self, part: str = "") -> int:
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(part))
 
-    def flops_per_step(self, tokens: int, images: int, sequence: int) -> float:
-        """Model FLOPs (PaLM's count: 6 per parameter per token, attention 12 * layers * d_model * sequence per
-        token) of forward + backward over `tokens` positions and `images` images; the connector is left out. A frozen
-        encoder counts 2 (forward only). Active parameters: a MoE layer counts two experts."""
+    def flops(self, sequence: int) -> tuple[float, float]:
+        """Model FLOPs of forward + backward (PaLM's count) per position and per image: 6 per active LM parameter
+        (a MoE layer counts two experts) plus 12 * layers * d_model * sequence for attention per position; the
+        encoder's 6 (2 when frozen: forward only) per parameter per patch. The connector is left out."""
         cfg = self.cfg
         lm = self.num_params("blocks.") + self.num_params("head.")
         for b in self.blocks:
             if isinstance(b.ffn, MoE):
                 lm -= (len(b.ffn.experts) - 2) * sum(p.numel() for p in b.ffn.experts[0].parameters())
-        per_token = 6 * lm + 12 * cfg.n_layers * cfg.d_model * sequence
         patches = (self.seq.image_size // _patch(self.encoder.tower)) ** 2 + 1
-        encoder = (2 if self.encoder.frozen else 6) * self.num_params("encoder.") * patches
-        return per_token * tokens + encoder * images
+        per_image = (2 if self.encoder.frozen else 6) * self.num_params("encoder.") * patches
+        return 6 * lm + 12 * cfg.n_layers * cfg.d_model * sequence, per_image
 
 
 def _patch(tower: nn.Module) -> int:

@@ -141,13 +141,10 @@ def train(
         )
     tok = load_tokenizer(cfg.tokenizer)
     mine = range(rank * streams // world, (rank + 1) * streams // world)
-    loaders = (
-        [make_stream(manifest, cfg, s, streams, tok, cfg.batch_size // streams) for s in mine]
-        if batches is None
-        else []
-    )
+    loaders = [] if batches is not None else [make_stream(manifest, cfg, s, streams, tok, cuda) for s in mine]
     heldout = [s.name for s in manifest.sources if s.holdout]
-    evalset = MixtureDataset(manifest, image_size=manifest.sequence.image_size, io_threads=cfg.io_threads)
+    if heldout:
+        evalset = MixtureDataset(manifest, image_size=manifest.sequence.image_size, io_threads=cfg.io_threads)
 
     # ---- model and optimiser (every process builds the same init; DDP checks it)
     torch.manual_seed(cfg.seed)
@@ -167,23 +164,25 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if cuda and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][local % len(ckpt["rng"]["cuda"])])
+        torch.set_rng_state(ckpt["rng"]["torch"])  # every process seeds alike and draws alike: rank 0's states
+        if cuda and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         if ckpt["fingerprint"] == fingerprint:
             for s, loader in zip(mine, loaders):
                 loader.load_state_dict(ckpt["data"][s])
         else:
             log.warning("resuming with another manifest (forced): the data streams start afresh")
-    model = torch.compile(raw) if (cfg.compile if cfg.compile is not None else cuda) else raw
+    compiled = torch.compile(raw) if (cfg.compile if cfg.compile is not None else cuda) else raw
+    model = compiled
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if cuda else None)
 
     if main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"train": to_dict(cfg), "manifest": manifest.to_dict(), "streams": streams}, f, indent=1)
-        keep_metrics(os.path.join(out, "metrics.jsonl"), step)
+        for name in ("metrics.jsonl", "keys.jsonl", *(f"keys-{r}.jsonl" for r in range(world))):
+            keep_rows(os.path.join(out, name), step)
         log.info(
             "model: %.2fM parameters (%.2fM image encoder, %.2fM connector); %d process(es), %d stream(s), "
             "%d micro-batches of %d per step",
@@ -191,7 +190,8 @@ def train(
             streams, local_seqs // cfg.micro_batch, cfg.micro_batch,
         )  # fmt: skip
     peak = cfg.peak_flops or (peak_flops(device) if cuda else None)
-    bar = progress(step, steps, cfg.log_every) if main else None
+    flops_token, flops_image = raw.flops(manifest.sequence.max_tokens)
+    bar = Progress(step, steps, cfg.log_every) if main else None
     iters = [iter(loader) for loader in loaders] if batches is None else [iter(batches)]
     summary: dict[str, Any] = {"out": out, "start_step": step}
 
@@ -200,12 +200,8 @@ def train(
         t0 = time.perf_counter()
         batch = concat([next(it) for it in iters])
         targets = batch["loss_mask"][:, 1:] & (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
-        counts = torch.tensor(
-            [targets.sum(), batch["attention_mask"].sum(), batch["num_images"].sum()], dtype=torch.float64
-        )
-        if world > 1:
-            dist.all_reduce(counts)
-        n_targets = counts[0].item()
+        counts = [targets.sum(), batch["attention_mask"].sum(), batch["num_images"].sum()]  # the model's targets
+        n_targets, n_tokens, n_images = all_sum(torch.stack(counts).double(), device, world).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=device)
         micros = local_seqs // cfg.micro_batch
@@ -231,32 +227,26 @@ def train(
         step += 1
 
         # ---- metrics (the loss over every target of the global batch), held-out losses, checkpoints
-        sums = torch.stack([loss_sum, aux_sum / micros]).cpu()
-        if world > 1:
-            dist.all_reduce(sums)
+        loss_total, aux_total = all_sum(torch.stack([loss_sum, aux_sum / micros]), device, world).tolist()
         dt = time.perf_counter() - t0
         row = {
             "step": step,
-            "loss": sums[0].item() / max(n_targets, 1),
+            "loss": loss_total / max(n_targets, 1),
             "lr": lr,
-            "tokens": int(counts[1]),
-            "images": int(counts[2]),
-            "tokens_per_s": counts[1].item() / dt,
-            "images_per_s": counts[2].item() / dt,
+            "tokens": int(n_tokens),
+            "images": int(n_images),
+            "tokens_per_s": n_tokens / dt,
+            "images_per_s": n_images / dt,
             "step_s": dt,
-            "replaced": sum(sum(loader.errors.values()) for loader in loaders),
+            "replaced": sum(sum(loader.errors.values()) for loader in loaders),  # this process's
         }
         if cfg.model.moe_experts:
-            row["moe_aux"] = sums[1].item() / world
-        if peak:
-            positions = cfg.batch_size * manifest.sequence.max_tokens
-            row["mfu"] = (
-                raw.flops_per_step(positions, int(counts[2]), manifest.sequence.max_tokens) / dt / (peak * world)
-            )
+            row["moe_aux"] = aux_total / world
+        if peak:  # every position is computed, padding included
+            flops = flops_token * cfg.batch_size * manifest.sequence.max_tokens + flops_image * n_images
+            row["mfu"] = flops / dt / (peak * world)
         if heldout and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            row["heldout"] = evaluate(
-                raw, evalset, heldout, manifest.sequence, tok, cfg, device, autocast, rank, world
-            )
+            row["heldout"] = evaluate(compiled, evalset, heldout, manifest.sequence, tok, cfg, device, autocast, world)
         if cfg.record_keys:
             record_keys(out, step, batch["keys"], rank, world)
         if step == steps or step % cfg.checkpoint_every == 0:
@@ -302,16 +292,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def make_stream(
-    manifest: Manifest, cfg: TrainConfig, stream: int, streams: int, tok: Tokenizer, seqs: int
+    manifest: Manifest, cfg: TrainConfig, stream: int, streams: int, tok: Tokenizer, pin: bool
 ) -> PackedLoader:
-    """Data stream `stream` of `streams`: its share of the mixture, packed, `seqs` collated sequences a step."""
+    """Data stream `stream` of `streams`: its share of the mixture, packed, batch_size / streams sequences a step."""
     seq = manifest.sequence
     ds = MixtureDataset(
         manifest, rank=stream, world_size=streams, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.loader_batch,
         io_threads=cfg.io_threads, image_size=seq.image_size,
     )  # fmt: skip
-    collate_fn = functools.partial(collate_step, seq=seq, pad_id=tok.pad_id, pin=torch.cuda.is_available())
-    return PackedLoader(ds, SequencePacker(seq, tok), seqs, collate_fn, num_workers=cfg.num_workers)
+    collate_fn = functools.partial(collate_step, seq=seq, pad_id=tok.pad_id, pin=pin)
+    packer = SequencePacker(seq, tok)
+    return PackedLoader(ds, packer, cfg.batch_size // streams, collate_fn, num_workers=cfg.num_workers)
 
 
 def collate_step(seqs: list[dict[str, Any]], seq: Any, pad_id: int, pin: bool) -> dict[str, Any]:
@@ -321,6 +312,15 @@ def collate_step(seqs: list[dict[str, Any]], seq: Any, pad_id: int, pin: bool) -
         batch = {k: v.pin_memory() for k, v in batch.items()}
     batch["keys"] = [list(s["keys"]) for s in seqs]
     return batch
+
+
+def all_sum(x: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """Sum over processes (on the device: NCCL reduces CUDA tensors only), back on the CPU."""
+    if world == 1:
+        return x.cpu()
+    x = x.to(device)
+    dist.all_reduce(x)
+    return x.cpu()
 
 
 def concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
@@ -340,12 +340,11 @@ def evaluate(
     cfg: TrainConfig,
     device: torch.device,
     autocast: torch.dtype | None,
-    rank: int,
     world: int,
 ) -> dict[str, float]:
     """Mean next-token loss on each source's held-out slice, packed alone (the same sequences every time and at
     every world size; process r takes sequences r, r + N, ...)."""
-    was_training = model.training
+    was_training, rank = model.training, dist.get_rank() if world > 1 else 0
     model.eval()
     sums = torch.zeros(len(sources), 2, dtype=torch.float64)
     for j, name in enumerate(sources):
@@ -356,8 +355,7 @@ def evaluate(
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 loss, targets, _ = model(b)
             sums[j] += torch.stack([loss.sum().double().cpu(), targets.sum().double().cpu()])
-    if world > 1:
-        dist.all_reduce(sums)
+    sums = all_sum(sums, device, world)
     model.train(was_training)
     return {name: (sums[j, 0] / sums[j, 1]).item() if sums[j, 1] else float("nan") for j, name in enumerate(sources)}
 
@@ -410,7 +408,7 @@ def write_checkpoint(
         "scheduler": sched.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         },
         "config": to_dict(cfg),
         "manifest": manifest.to_dict(),
@@ -441,8 +439,8 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
     return ckpt
 
 
-def keep_metrics(path: str, step: int) -> None:
-    """Drop metric rows after `step` (a run that crashed after its last checkpoint logged steps it will redo)."""
+def keep_rows(path: str, step: int) -> None:
+    """Drop JSON-lines rows after `step` (a run that crashed after its last checkpoint logged steps it will redo)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -461,7 +459,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-class progress:
+class Progress:
     """A tqdm bar on a terminal; otherwise a line every log_every steps (logs of batch jobs stay readable)."""
 
     def __init__(self, start: int, total: int, every: int = 10) -> None:
