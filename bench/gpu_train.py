@@ -55,7 +55,7 @@ def write_manifest(root: str, sequence: dict[str, int]) -> str:
 def random_batches(manifest_path: str, cfg: Any, n: int) -> list[dict[str, Any]]:
     """n batches with the layout of the loader's first n (one process's share of a step), random ids and pixels."""
     manifest = load_manifest(manifest_path)
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.data.tokenizer)
     stream = iter(make_stream(manifest, cfg, 0, 1, tok, torch.cuda.is_available()))
     g = torch.Generator().manual_seed(0)
     out = []
@@ -104,9 +104,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"shards and manifest under {root} ({time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {device}")
     shape = f"batch {cfg.batch_size} x {MM1_SEQUENCE['max_tokens']} tokens, micro-batch {cfg.micro_batch}"
-    print(
-        f"config {name}: {shape}, {cfg.num_workers} loader workers; {args.warmup} warm-up + {args.steps} timed steps"
-    )
+    steps = f"{args.warmup} warm-up + {args.steps} timed steps"
+    print(f"config {name}: {shape}, {cfg.data.num_workers} loader workers per stream; {steps}")
 
     total = args.warmup + args.steps
     train(manifest, cfg, total, os.path.join(root, "run-loader"))

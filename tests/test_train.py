@@ -10,7 +10,7 @@ from PIL import Image
 
 from mm1data.packing import ByteTokenizer, SequenceConfig, SequencePacker, collate
 from mm1data.train.model import MM1, CAbstractor, ModelConfig, MoE, VisionConfig
-from mm1data.train.train import TrainConfig, load_train_config, lr_factor
+from mm1data.train.train import OptimConfig, load_train_config, lr_factor
 
 SEQ = SequenceConfig(max_tokens=96, max_images=3, image_tokens=4, image_size=32)
 TOK = ByteTokenizer()
@@ -158,7 +158,7 @@ def test_moe_is_top2_weighted_and_balanced_routing_gives_aux_1():
 
 
 def test_lr_warms_up_then_follows_the_cosine_to_min_lr():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110)
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110)
     f = [lr_factor(cfg, s) for s in range(130)]
     assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11) and f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)

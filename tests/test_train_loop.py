@@ -52,7 +52,7 @@ def losses(out: str) -> list[tuple[int, float, dict]]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_k_steps_then_resume_gives_the_losses_of_one_run(corpus, tmp_path, workers):
-    over = [*FAST, f"num_workers={workers}"]
+    over = [*FAST, f"data.num_workers={workers}"]
     manifest = os.path.join(corpus, "m.yaml")
     full = train(manifest, "tiny", 10, str(tmp_path / "full"), overrides=over)
     train(manifest, "tiny", 3, str(tmp_path / "cut"), overrides=over)
@@ -79,7 +79,7 @@ def test_two_ddp_processes_give_the_losses_of_one_process(corpus, tmp_path):
     """gloo on CPU, 2 processes of 1 stream each, against 1 process running both streams: the same global batch,
     so the same losses (to float summation order)."""
     manifest = os.path.join(corpus, "m.yaml")
-    over = [*FAST, "streams=2"]
+    over = [*FAST, "data.streams=2"]
     one = train(manifest, "tiny", 6, str(tmp_path / "one"), overrides=over)
     sets = [a for o in over for a in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -130,8 +130,8 @@ def test_resume_errors_name_the_problem(corpus, tmp_path):
     other = write_manifest(str(corpus), "other.yaml", text=0.3)
     with pytest.raises(ConfigError, match="another manifest.*--force"):
         train(other, "tiny", 4, out, resume=True, overrides=FAST)
-    with pytest.raises(ConfigError, match="config differs .* in lr"):
-        train(manifest, "tiny", 4, out, resume=True, overrides=[*FAST, "lr=0.1"])
+    with pytest.raises(ConfigError, match="config differs .* in optim.lr"):
+        train(manifest, "tiny", 4, out, resume=True, overrides=[*FAST, "optim.lr=0.1"])
     forced = train(other, "tiny", 3, out, resume=True, force=True, overrides=FAST)
     assert forced["start_step"] == 2 and forced["steps"] == 3
     with open(os.path.join(out, "checkpoint", "ckpt.pt"), "wb") as f:
@@ -171,3 +171,13 @@ def test_the_plot_is_skipped_with_a_message_without_matplotlib(tmp_path, monkeyp
 def test_batch_that_does_not_split_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(ConfigError, match="batch_size 5 must split"):
         train(os.path.join(corpus, "m.yaml"), load_train_config("tiny", ["batch_size=5"]), 1, str(tmp_path / "o"))
+
+
+def test_the_demo_training_step_prints_where_the_curve_is(corpus, tmp_path, capsys):
+    from mm1data.demo import train_demo
+
+    summary = train_demo(write_manifest(corpus, "demo.yaml"), str(tmp_path / "train"), steps=3)
+    out = capsys.readouterr().out
+    assert "$ mm1data train --manifest" in out and "training loss" in out
+    assert "held-out loss per source at step 3: interleaved" in out and set(summary["heldout"]) == set(HOLDOUT)
+    assert os.path.exists(tmp_path / "train" / "loss.png")

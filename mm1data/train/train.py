@@ -43,29 +43,43 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 8  # sequences per optimiser step, all processes together
-    micro_batch: int = 1  # sequences per forward pass in one process (accumulation makes up the rest)
+class OptimConfig:
     lr: float = 3e-4  # peak
     min_lr: float = 3e-5  # where the cosine ends
     warmup_steps: int = 100
     decay_steps: int = 10_000  # warm-up + cosine length; --steps only says where a run stops, so a resume keeps it
-    weight_decay: float = 0.1  # on matrices only
+    weight_decay: float = 0.1  # AdamW, on matrices only
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max gradient norm; 0 = off
-    seed: int = 0  # model init (the data order is the manifest's seed)
-    eval_every: int = 100  # steps between held-out losses (sources with `holdout: N`); 0 = only at the end
-    log_every: int = 10  # steps between progress lines when stderr is not a terminal
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
-    checkpoint: str | None = None  # checkpoint folder, local or s3://; default OUT/checkpoint
-    streams: int | None = None  # data streams; default the first launch's world size (a resume keeps its count)
+
+    def __post_init__(self) -> None:
+        if self.decay_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("decay_steps must be >= 1 and warmup_steps >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    streams: int | None = None  # packed data streams; default the first launch's world size (a resume keeps it)
     num_workers: int = 2  # DataLoader workers per stream (reading and decoding)
     loader_batch: int = 16  # samples per worker batch
     io_threads: int = 4  # reading threads per worker
     shuffle_buffer: int = 65536  # samples permuted together within a source
     tokenizer: str | None = None  # tokenizer.json, local or s3://; default the byte-level tokenizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 8  # sequences per optimiser step, all processes together
+    micro_batch: int = 1  # sequences per forward pass in one process (accumulation makes up the rest)
+    seed: int = 0  # model init (the data order is the manifest's seed)
+    eval_every: int = 100  # steps between held-out losses (sources with `holdout: N`); 0 = only at the end
+    log_every: int = 10  # steps between progress lines when stderr is not a terminal
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    checkpoint: str | None = None  # checkpoint folder, local or s3://; default OUT/checkpoint
     precision: str = "auto"  # PRECISION: auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool | None = None  # torch.compile the model; default: on CUDA
     device: str = "auto"  # auto (cuda when visible) | cpu | cuda
@@ -75,16 +89,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISION:
             raise ValueError(f"precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
-        if min(self.batch_size, self.micro_batch, self.decay_steps) < 1 or self.warmup_steps < 0:
-            raise ValueError("batch_size, micro_batch and decay_steps must be >= 1, warmup_steps >= 0")
+        if min(self.batch_size, self.micro_batch) < 1:
+            raise ValueError("batch_size and micro_batch must be >= 1")
 
 
 PRECISION = {"auto": None, "fp32": None, "bf16": torch.bfloat16}
 # Dense bf16 peak FLOP/s by GPU name (vendor datasheets), for MFU; peak_flops overrides.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 # Config keys a resume may change: they don't touch the model, the optimiser or the data order.
-RESUMABLE = {"eval_every", "log_every", "checkpoint_every", "checkpoint", "num_workers", "loader_batch", "io_threads",
-             "compile", "device", "peak_flops", "record_keys"}  # fmt: skip
+RESUMABLE = {"eval_every", "log_every", "checkpoint_every", "checkpoint", "data.num_workers", "data.loader_batch",
+             "data.io_threads", "compile", "device", "peak_flops", "record_keys"}  # fmt: skip
 
 
 def load_train_config(name_or_path: str, overrides: list[str] = ()) -> TrainConfig:
@@ -132,19 +146,19 @@ def train(
         raise ConfigError(f"{ckpt_uri} exists: pass --resume to continue it, or choose another --out")
     if ckpt is not None:
         check_resume(ckpt, cfg, fingerprint, force)
-    streams = ckpt["streams"] if ckpt else cfg.streams or world
+    streams = ckpt["streams"] if ckpt else cfg.data.streams or world
     local_seqs = cfg.batch_size // world
     if streams % world or cfg.batch_size % streams or local_seqs % cfg.micro_batch:
         raise ConfigError(
             f"batch_size {cfg.batch_size} must split into {streams} streams, the streams over {world} processes, "
             f"and each process's {local_seqs} sequences into micro-batches of {cfg.micro_batch}"
         )
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.data.tokenizer)
     mine = range(rank * streams // world, (rank + 1) * streams // world)
     loaders = [] if batches is not None else [make_stream(manifest, cfg, s, streams, tok, cuda) for s in mine]
     heldout = [s.name for s in manifest.sources if s.holdout]
     if heldout:
-        evalset = MixtureDataset(manifest, image_size=manifest.sequence.image_size, io_threads=cfg.io_threads)
+        evalset = MixtureDataset(manifest, image_size=manifest.sequence.image_size, io_threads=cfg.data.io_threads)
 
     # ---- model and optimiser (every process builds the same init; DDP checks it)
     torch.manual_seed(cfg.seed)
@@ -153,11 +167,11 @@ def train(
         raw.set_attention("flex")
     params = [p for p in raw.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg))
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg.optim))
     step = 0
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
@@ -218,8 +232,8 @@ def train(
             objective.backward()
             loss_sum += total.detach().double()
             aux_sum += aux.detach().double()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -281,7 +295,7 @@ def train(
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-def lr_factor(cfg: TrainConfig, step: int) -> float:
+def lr_factor(cfg: OptimConfig, step: int) -> float:
     """Linear warm-up to lr, cosine decay to min_lr at decay_steps, then min_lr (nanoGPT's get_lr, as a factor)."""
     if step < cfg.warmup_steps:
         return (step + 1) / (cfg.warmup_steps + 1)
@@ -297,12 +311,12 @@ def make_stream(
     """Data stream `stream` of `streams`: its share of the mixture, packed, batch_size / streams sequences a step."""
     seq = manifest.sequence
     ds = MixtureDataset(
-        manifest, rank=stream, world_size=streams, shuffle_buffer=cfg.shuffle_buffer, batch_size=cfg.loader_batch,
-        io_threads=cfg.io_threads, image_size=seq.image_size,
+        manifest, rank=stream, world_size=streams, shuffle_buffer=cfg.data.shuffle_buffer,
+        batch_size=cfg.data.loader_batch, io_threads=cfg.data.io_threads, image_size=seq.image_size,
     )  # fmt: skip
     collate_fn = functools.partial(collate_step, seq=seq, pad_id=tok.pad_id, pin=pin)
     packer = SequencePacker(seq, tok)
-    return PackedLoader(ds, packer, cfg.batch_size // streams, collate_fn, num_workers=cfg.num_workers)
+    return PackedLoader(ds, packer, cfg.batch_size // streams, collate_fn, num_workers=cfg.data.num_workers)
 
 
 def collate_step(seqs: list[dict[str, Any]], seq: Any, pad_id: int, pin: bool) -> dict[str, Any]:
@@ -378,12 +392,21 @@ def check_resume(ckpt: dict[str, Any], cfg: TrainConfig, fingerprint: str, force
             "the checkpoint was trained on another manifest (its sources, weights, holdouts, sequence shape or "
             "corpora differ): resuming would not continue the same data; pass --force to resume anyway"
         )
-    mine, theirs = to_dict(cfg), ckpt["config"]
+    mine, theirs = flat(to_dict(cfg)), flat(ckpt["config"])
     changed = sorted(k for k in set(mine) | set(theirs) if k not in RESUMABLE and mine.get(k) != theirs.get(k))
-    if "model" in changed:
-        raise ConfigError(f"the checkpoint's model differs from the config's: {theirs['model']} vs {mine['model']}")
+    if any(k.startswith("model.") for k in changed):
+        model = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in changed if k.startswith("model."))
+        raise ConfigError(f"the checkpoint's model differs from the config's: {model}")
     if changed and not force:
         raise ConfigError(f"the config differs from the checkpoint's in {', '.join(changed)}: pass --force to resume")
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}"""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def write_checkpoint(
