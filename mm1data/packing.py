@@ -468,7 +468,7 @@ def _write_uint8(img: Image.Image, size: int, out: torch.Tensor) -> None:
     """out [3, size, size] uint8 <- resize_crop(img), through Pillow's Arrow export when it has one (no repack)."""
     import numpy as np
 
-    img = resize_crop(img.convert("RGB"), size)
+    img = resize_crop(img if img.mode == "RGB" else img.convert("RGB"), size)  # convert() would copy an RGB image
     if hasattr(img, "__arrow_c_array__"):
         import pyarrow as pa
 
