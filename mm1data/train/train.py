@@ -214,8 +214,9 @@ def train(
         t0 = time.perf_counter()
         batch = concat([next(it) for it in iters])
         targets = batch["loss_mask"][:, 1:] & (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
-        counts = [targets.sum(), batch["attention_mask"].sum(), batch["num_images"].sum()]  # the model's targets
-        n_targets, n_tokens, n_images = all_sum(torch.stack(counts).double(), device, world).tolist()
+        replaced = sum(sum(loader.errors.values()) for loader in loaders)  # unreadable samples so far
+        counts = torch.tensor([targets.sum(), batch["attention_mask"].sum(), batch["num_images"].sum(), replaced])
+        n_targets, n_tokens, n_images, n_replaced = all_sum(counts.double(), device, world).tolist()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=device)
         micros = local_seqs // cfg.micro_batch
@@ -252,7 +253,7 @@ def train(
             "tokens_per_s": n_tokens / dt,
             "images_per_s": n_images / dt,
             "step_s": dt,
-            "replaced": sum(sum(loader.errors.values()) for loader in loaders),  # this process's
+            "replaced": int(n_replaced),
         }
         if cfg.model.moe_experts:
             row["moe_aux"] = aux_total / world
