@@ -25,7 +25,8 @@ The design (MosaicML streaming's ideas on webdataset shards; no Ray, no local co
    shard, cached), fetched by mm1data.storage (a local read or an S3 ranged GET); samples of one shard that are
    close within a window of WINDOW positions are coalesced into one read. A small thread pool reads, parses
    and decodes the next windows while the consumer takes the current one (Pillow releases the GIL while
-   decoding). Memory is the read-ahead windows plus O(shards + shuffle_buffer) per source.
+   decoding); the consumer reads the first window itself and, rather than wait, runs any window no thread has
+   started. Memory is the read-ahead windows plus O(shards + shuffle_buffer) per source.
 6. A sample that cannot be read (shard or sidecar missing, a range past the end of a truncated file, members that
    do not parse or an image that does not decode) is replaced by the next readable draw of the same source (draw
    k+1, k+2, ... of the pass order), counted in `errors[shard]`, logged with the shard's name and listed in the
