@@ -112,6 +112,7 @@ class FlexAttention:
     cost what their documents cost (fused kernels when compiled, i.e. on CUDA)."""
 
     @staticmethod
+    @torch.compiler.disable  # built eagerly once per forward; the attention itself is compiled and fused
     def mask(document_ids: torch.Tensor) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
 
