@@ -101,7 +101,8 @@ def main() -> None:
     t0 = time.perf_counter()
     write_corpora(root, {"caption": args.captions, "interleaved": args.docs, "text": args.texts}, 200)
     manifest = write_manifest(root, MM1_SEQUENCE)
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, load average {load})"
     print(f"shards and manifest under {root} ({time.perf_counter() - t0:.0f} s); torch {torch.__version__}, {device}")
     shape = f"batch {cfg.batch_size} x {MM1_SEQUENCE['max_tokens']} tokens, micro-batch {cfg.micro_batch}"
     steps = f"{args.warmup} warm-up + {args.steps} timed steps"

@@ -202,7 +202,8 @@ def main() -> None:
     mean_jpeg = np.mean([len(m) for m in image_pool(20, np.random.default_rng(1))]) / 1e3
     print(f"shards: {sum(map(len, urls.values()))} under {root}, {mb:.0f} MB, JPEGs ~{mean_jpeg:.0f} KB, "
           f"written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-    print(f"torch {torch.__version__}, webdataset {wds.__version__}, {os.cpu_count()} CPUs")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, webdataset {wds.__version__}, {os.cpu_count()} CPUs, load average {load}")
 
     captions = manifest(root, {"caption": 1.0})
     mix = manifest(root, MIX)
@@ -275,6 +276,7 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(f"{len(seqs)} sequences, efficiency (non-padding share) {efficiency(seqs):.3f}, "
           f"{args.pack_samples / dt:.0f} samples/s including loading")  # fmt: skip
+    print(f"load average at the end: {'/'.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine: compare runs)")
 
 
 if __name__ == "__main__":
