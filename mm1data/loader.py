@@ -502,7 +502,7 @@ class _Reader:
         windows, started = self._windows(plan), False
         try:
             while True:
-                while len(pending) <= 2 * self.ds.io_threads:  # read-ahead bound (memory: these windows)
+                while len(pending) <= 2 * (self.ds.io_threads + 1):  # read-ahead (the consumer works too)
                     window = next(windows, None)
                     if window is None:
                         break

@@ -450,6 +450,8 @@ def test_state_checks_and_length(mix):
     other = MixtureDataset(m, seed=7, samples_per_epoch=100)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "holdout"}  # a state saved before holdouts existed still loads
+    MixtureDataset(m, world_size=4, rank=3, samples_per_epoch=100).load_state_dict(old)
     ds.set_epoch(3)
     ds.load_state_dict({**state, "epoch": 3})
     ds.set_epoch(3)  # the loaded epoch keeps its position

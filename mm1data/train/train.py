@@ -264,6 +264,10 @@ def train(
             row["heldout"] = evaluate(compiled, evalset, heldout, manifest.sequence, tok, cfg, device, autocast, world)
         if cfg.record_keys:
             record_keys(out, step, batch["keys"], rank, world)
+        if main:  # before the checkpoint: a resume from it finds this step's row
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.update(row)
         if step == steps or step % cfg.checkpoint_every == 0:
             states = [loader.state_dict() for loader in loaders]
             if world > 1:
@@ -272,10 +276,6 @@ def train(
                 states = [s for part in gathered for s in part]
             if main:
                 write_checkpoint(ckpt_uri, raw, opt, sched, step, cfg, manifest, fingerprint, streams, states)
-        if main:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(row)
         summary.setdefault("first", row)
         summary["last"] = row
         if "heldout" in row:
