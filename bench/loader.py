@@ -8,7 +8,10 @@ two loaders alternating (medians printed: the machine may be shared):
 
   captions   one shuffled pass over the caption shards, images decoded to RGB PIL, txt and json decoded:
              MixtureDataset(caption-only manifest) vs WebDataset(shardshuffle=100).shuffle(1000).decode("pil");
-             also both with 2 DataLoader workers (webdataset splits shards by worker, mm1data positions)
+             mm1data with io_threads=1 too (one reading thread; the consumer reads a window itself rather than
+             wait); also both with 2 DataLoader workers (webdataset splits shards by worker, mm1data positions;
+             webdataset's PIL images are pickled back to the main process, MixtureLoader's come through
+             shared-memory buffers that the workers reuse)
   mix        --mix-samples samples of MM1's 45/45/10 interleaved/caption/text mix, decoded as above:
              MixtureDataset (mixing by a seeded generator, resumable) vs wds.RandomMix of three repeating
              WebDatasets with the same probabilities (not resumable)
