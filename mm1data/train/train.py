@@ -132,7 +132,8 @@ def train(
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    ours = world > 1 and not dist.is_initialized()
+    if ours:
         dist.init_process_group("nccl" if cuda else "gloo")
     main = rank == 0
     autocast = PRECISION[cfg.precision] or (torch.bfloat16 if cuda and cfg.precision == "auto" else None)
@@ -289,6 +290,8 @@ def train(
             it.close()
     if world > 1:
         dist.barrier()
+    if ours:
+        dist.destroy_process_group()
     summary["steps"] = step
     return summary
 
