@@ -65,7 +65,7 @@ from PIL import Image
 
 from mm1data import storage
 from mm1data.manifest import Manifest, draw_probabilities, resolve_sources
-from mm1data.packing import resize_crop
+from mm1data.packing import resize_crop, rgbx_pixels
 from mm1data.schema import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 "workers take the rank's samples in chunks of one batch"
             )
         self._share = "collate_fn" not in kwargs and kwargs.get("num_workers", 0) > 0 and hasattr(Image, "fromarrow")
+        if self._share:
+            import pyarrow  # noqa: F401  (here, so that forked workers do not each import it on their first batch)
         kwargs.setdefault("collate_fn", collate_samples)
         super().__init__(dataset, batch_size=batch_size, **kwargs)
         self.consumed = 0
@@ -389,7 +391,8 @@ class _SharedBatch:
             weakref.finalize(self.buffer, self.busy.__setitem__, self.slot, 0)
         for item, images in zip(self.items, self.layout):
             for j, (start, stop, size) in images:
-                pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat[start:stop]), 4)  # RGB is stored as RGBX
+                rgbx = pa.Array.from_buffers(pa.uint8(), stop - start, [None, pa.py_buffer(flat[start:stop])])
+                pixels = pa.FixedSizeListArray.from_arrays(rgbx, 4)  # RGB is stored as RGBX
                 item["images"][j] = img = Image.fromarrow(pixels, "RGB", size)
                 img._mm1data_buffer = self.buffer  # numpy views do not keep the tensor object alive
         return self.items
@@ -406,8 +409,6 @@ class _SharedImages:
         self.buffers: dict[int, torch.Tensor] = {}  # this worker's slots (each worker process has its own dict)
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
         if not isinstance(batch, list):  # batch_size=None: one item, as it is
             return batch
         views, layout, total = [], [], 0
@@ -415,7 +416,7 @@ class _SharedImages:
             images = []
             for j, im in enumerate(item["images"]):
                 if isinstance(im, Image.Image) and im.mode == "RGB":
-                    flat = pa.array(im).flatten().to_numpy(zero_copy_only=True)  # Pillow's own pixels, no copy
+                    flat = rgbx_pixels(im)  # Pillow's own pixels, no copy
                     views.append(flat)
                     images.append((j, (total, total + len(flat), im.size)))
                     total += len(flat)
