@@ -232,9 +232,7 @@ def main() -> None:
         return flat(torch.utils.data.DataLoader(peer_captions().batched(16, collation_fn=list), batch_size=None,
                                                 num_workers=2))  # fmt: skip
 
-    row(
-        "captions, 2 DataLoader workers", timed(ours_workers, n, mm_key, sizes), timed(peer_workers, n, wds_key, sizes)
-    )
+    compare("captions, 2 DataLoader workers", ours_workers, peer_workers, n, sizes, args.reps)
 
     print(f"\n-- {args.mix_samples} samples of the 45/45/10 interleaved/caption/text mix, images decoded (medians)")
     probs = list(MIX.values())
