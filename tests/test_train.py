@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mm1data.packing import ByteTokenizer, SequenceConfig, SequencePacker, collate
-from mm1data.train.model import MM1, CAbstractor, ModelConfig, MoE, VisionConfig
+from mm1data.train.model import IMAGE_BUCKET, MM1, CAbstractor, ModelConfig, MoE, VisionConfig
 from mm1data.train.train import OptimConfig, load_train_config, lr_factor
 
 SEQ = SequenceConfig(max_tokens=96, max_images=3, image_tokens=4, image_size=32)
@@ -105,7 +105,8 @@ def test_image_tokens_replace_the_placeholders_in_document_order():
     model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
     model(b)
     tokens, x = seen["tokens"], seen["x"]
-    assert tokens.shape == (2, SEQ.image_tokens, 32)  # two real images, the padded slot is not encoded
+    # two real images, then blanks up to IMAGE_BUCKET (the padded third slot of the batch is not one of them)
+    assert tokens.shape == (IMAGE_BUCKET, SEQ.image_tokens, 32)
     for j, p in enumerate(s["image_positions"]):
         assert torch.equal(x[0, p : p + SEQ.image_tokens], tokens[j])
     text = [t for t, i in enumerate(s["input_ids"]) if i != TOK.image_id]

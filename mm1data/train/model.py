@@ -21,6 +21,7 @@ from mm1data import storage
 from mm1data.packing import CLIP_MEAN, CLIP_STD, SequenceConfig
 
 log = logging.getLogger(__name__)
+IMAGE_BUCKET = 8  # the encoder runs on a multiple of this many images (see MM1._insert_images)
 
 
 @dataclass(frozen=True)
@@ -402,15 +403,20 @@ class MM1(nn.Module):
         self, x: torch.Tensor, ids: torch.Tensor, images: torch.Tensor, num: torch.Tensor
     ) -> torch.Tensor:
         """Encode the real images ([B, N, ...] padded, num [B]) and write their tokens over the placeholders, which
-        packing laid out in row-major (sequence, image) order."""
-        B, N = images.shape[:2]
-        real = torch.arange(N, device=num.device)[None, :] < num[:, None]
-        pixels = images[real]  # [M, 3, S, S]
-        if pixels.shape[0] == 0:  # a text-only batch: run one blank image so every parameter is used (DDP)
-            return x + 0.0 * self.connector(self.encoder(images[:1, 0])).sum().to(x.dtype)
-        tokens = self.connector(self.encoder(pixels)).to(x.dtype)  # [M, image_tokens, d_model]
+        packing laid out in row-major (sequence, image) order. The encoder sees a multiple of IMAGE_BUCKET images
+        (blank ones added): a new image count is a new kernel plan (oneDNN) or a recompile (torch.compile), which
+        cost seconds, so few counts are better than exact ones."""
+        N = images.shape[1]
+        pixels = images[torch.arange(N, device=num.device)[None, :] < num[:, None]]  # [M, 3, S, S]
+        M = pixels.shape[0]
+        pad = -M % IMAGE_BUCKET if M else IMAGE_BUCKET  # a text-only batch still runs the encoder: DDP wants
+        if pad:  # every parameter used
+            pixels = torch.cat([pixels, pixels.new_zeros(pad, *pixels.shape[1:])])
+        tokens = self.connector(self.encoder(pixels)).to(x.dtype)  # [M + pad, image_tokens, d_model]
+        if M == 0:
+            return x + 0.0 * tokens.sum()
         where = (ids == self.image_id)[..., None]
-        return x.masked_scatter(where, tokens.reshape(-1, x.shape[-1]))
+        return x.masked_scatter(where, tokens[:M].reshape(-1, x.shape[-1]))
 
     def num_params(self, part: str = "") -> int:
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(part))
