@@ -8,7 +8,10 @@ two loaders alternating (medians printed: the machine may be shared):
 
   captions   one shuffled pass over the caption shards, images decoded to RGB PIL, txt and json decoded:
              MixtureDataset(caption-only manifest) vs WebDataset(shardshuffle=100).shuffle(1000).decode("pil");
-             also both with 2 DataLoader workers (webdataset splits shards by worker, mm1data positions)
+             mm1data with io_threads=1 too (one reading thread; the consumer reads a window itself rather than
+             wait); also both with 2 DataLoader workers (webdataset splits shards by worker, mm1data positions;
+             webdataset's PIL images are pickled back to the main process, MixtureLoader's come through
+             shared-memory buffers that the workers reuse)
   mix        --mix-samples samples of MM1's 45/45/10 interleaved/caption/text mix, decoded as above:
              MixtureDataset (mixing by a seeded generator, resumable) vs wds.RandomMix of three repeating
              WebDatasets with the same probabilities (not resumable)
@@ -202,7 +205,8 @@ def main() -> None:
     mean_jpeg = np.mean([len(m) for m in image_pool(20, np.random.default_rng(1))]) / 1e3
     print(f"shards: {sum(map(len, urls.values()))} under {root}, {mb:.0f} MB, JPEGs ~{mean_jpeg:.0f} KB, "
           f"written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-    print(f"torch {torch.__version__}, webdataset {wds.__version__}, {os.cpu_count()} CPUs")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__}, webdataset {wds.__version__}, {os.cpu_count()} CPUs, load average {load}")
 
     captions = manifest(root, {"caption": 1.0})
     mix = manifest(root, MIX)
@@ -228,9 +232,7 @@ def main() -> None:
         return flat(torch.utils.data.DataLoader(peer_captions().batched(16, collation_fn=list), batch_size=None,
                                                 num_workers=2))  # fmt: skip
 
-    row(
-        "captions, 2 DataLoader workers", timed(ours_workers, n, mm_key, sizes), timed(peer_workers, n, wds_key, sizes)
-    )
+    compare("captions, 2 DataLoader workers", ours_workers, peer_workers, n, sizes, args.reps)
 
     print(f"\n-- {args.mix_samples} samples of the 45/45/10 interleaved/caption/text mix, images decoded (medians)")
     probs = list(MIX.values())
@@ -275,6 +277,7 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(f"{len(seqs)} sequences, efficiency (non-padding share) {efficiency(seqs):.3f}, "
           f"{args.pack_samples / dt:.0f} samples/s including loading")  # fmt: skip
+    print(f"load average at the end: {'/'.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine: compare runs)")
 
 
 if __name__ == "__main__":

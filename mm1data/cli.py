@@ -25,6 +25,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mm1data.train.train import train
+
+    summary = train(
+        args.manifest,
+        args.config,
+        args.steps,
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        overrides=args.set or [],
+    )
+    if "last" in summary:
+        held = ", ".join(f"{k} {v:.3f}" for k, v in summary.get("heldout", {}).items())
+        print(
+            f"step {summary['steps']}: loss {summary['last']['loss']:.4f}"
+            + (f", held-out {held}" if held else "")
+            + f" -> {args.out}/metrics.jsonl"
+        )
+    else:
+        print(f"nothing to do: the checkpoint is at step {summary['start_step']} >= --steps {args.steps}")
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     return MANIFEST_COMMANDS[args.manifest_command](args)
 
@@ -78,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     d = sub.add_parser("demo", help="build a small corpus end to end from a local HTTP server")
     d.add_argument("--out", default="demo_out", help="where the demo writes (default: demo_out)")
+    t = sub.add_parser("train", help="train the MM1-shaped model from a manifest's shards (torchrun for DDP)")
+    t.add_argument("--manifest", required=True, help="mixture manifest YAML (its sequence block sets the shape)")
+    t.add_argument("--config", required=True, help="tiny | small | mm1_3b, or a train config YAML")
+    t.add_argument("--steps", required=True, type=int, help="train until this global step")
+    t.add_argument("--out", required=True, help="folder for metrics.jsonl, loss.png, config.json, checkpoint/")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (exactly)")
+    t.add_argument("--force", action="store_true", help="resume even with another manifest or config")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train config key (YAML value)")
     m = sub.add_parser("manifest", help="mixture manifests (manifests/*.yaml)")
     msub = m.add_subparsers(dest="manifest_command", required=True)
     c = msub.add_parser("check", help="resolve every index, verify the shards, print totals and realised shares")
@@ -87,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "demo": cmd_demo, "manifest": cmd_manifest}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "manifest": cmd_manifest,
+    "train": cmd_train,
+}
 MANIFEST_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"check": cmd_manifest_check}
 
 

@@ -25,18 +25,23 @@ The design (MosaicML streaming's ideas on webdataset shards; no Ray, no local co
    shard, cached), fetched by mm1data.storage (a local read or an S3 ranged GET); samples of one shard that are
    close within a window of WINDOW positions are coalesced into one read. A small thread pool reads, parses
    and decodes the next windows while the consumer takes the current one (Pillow releases the GIL while
-   decoding). Memory is the read-ahead windows plus O(shards + shuffle_buffer) per source.
+   decoding); the consumer reads the first window itself and, rather than wait, runs any window no thread has
+   started. Memory is the read-ahead windows plus O(shards + shuffle_buffer) per source.
 6. A sample that cannot be read (shard or sidecar missing, a range past the end of a truncated file, members that
-   do not parse or an image that does not decode) is skipped, counted in `errors[shard]` and logged with the
-   shard's name; every other position keeps its sample. A sidecar that disagrees with index.json (another sample
-   count, offsets going backwards) is an error when the shard is first read, naming both: skipping would walk
-   through every position that index.json claims, millions for a lying count, yielding nothing. A shard path in
-   index.json must be a plain relative path inside the corpus folder (shards.shard_uri), checked at construction.
+   do not parse or an image that does not decode) is replaced by the next readable draw of the same source (draw
+   k+1, k+2, ... of the pass order), counted in `errors[shard]`, logged with the shard's name and listed in the
+   item's `replaced`: every position yields an item, so every rank yields the same count. A sidecar that
+   disagrees with index.json (another sample count, offsets going backwards) is an error when the shard is first
+   read, naming both: skipping would walk through every position that index.json claims, millions for a lying
+   count. A shard path in index.json must be a plain relative path inside the corpus folder (shards.shard_uri),
+   checked at construction.
+7. A source's `holdout: N` samples (evenly spaced over its shards in index order) are left out of the draws;
+   holdout_items() reads them for a held-out loss.
 
-Limits: a skipped sample leaves its rank one item short (the other ranks are not told); `errors` counts what this
-process read (DataLoader workers keep their own); set_epoch()/load_state_dict() reach DataLoader workers when
-an iterator starts, so persistent_workers=True would keep the old epoch; the stream depends on numpy's
-Generator.permutation and on the index totals (a rebuilt corpus gives another order: pin its sha256).
+Limits: a replacement repeats a sample (its own position still yields it); `errors` counts what this process read
+(MixtureLoader.errors counts what reached the main process, from the items); set_epoch()/load_state_dict() reach
+DataLoader workers when an iterator starts, so persistent_workers=True would keep the old epoch; the stream depends
+on numpy's Generator.permutation and on the index totals (a rebuilt corpus gives another order: pin its sha256).
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import itertools
 import json
 import logging
 import math
+import queue
 import re
 import tarfile
+import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,6 +69,7 @@ from PIL import Image
 from mm1data import storage
 from mm1data.config import ConfigError, short
 from mm1data.manifest import Manifest, draw_probabilities, resolve_sources
+from mm1data.packing import resize_crop, rgbx_pixels
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import shard_uri
 
@@ -75,10 +85,17 @@ _IMAGE_MEMBER = re.compile(r"(\d+)\.(" + "|".join(IMAGE_EXTS) + ")")
 
 
 class _SourceFiles:
-    """Where a source's shards and sidecars are, and how many samples each holds. Every path must stay inside the
-    corpus folder (shards.shard_uri): an index.json that points elsewhere is a ConfigError naming the path."""
+    """Where a source's shards and sidecars are, how many samples each holds, and which are held out. Every path
+    must stay inside the corpus folder (shards.shard_uri): an index.json that points elsewhere is a ConfigError.
 
-    def __init__(self, name: str, kind: str, root: str, shards: list[dict[str, Any]], where: str) -> None:
+    The `holdout` held-out samples are the global indices floor(j * n / holdout), j < holdout, over the shards in
+    index.json order: evenly spread over the corpus, and independent of the seed and the weights, so runs with other
+    mixtures report loss on the same samples. The training stream sees only the other samples; a shard's t-th
+    training sample is found in O(log holdout) with no table."""
+
+    def __init__(
+        self, name: str, kind: str, root: str, shards: list[dict[str, Any]], where: str, holdout: int = 0
+    ) -> None:
         self.name, self.kind = name, kind
         self.tars = [shard_uri(root, s["path"], where) for s in shards]
         self.idxs = [shard_uri(root, s.get("offsets") or s["path"][: -len(".tar")] + ".idx", where) for s in shards]
@@ -87,6 +104,37 @@ class _SourceFiles:
             bad = next(n for n in self.sizes if not (type(n) is int and n >= 0))
             raise ConfigError(f"{where}: num_samples must be an integer >= 0, got {short(bad)}")
         self.sizes = self.sizes.astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)  # global index of each shard
+        self.n, self.holdout = int(self.starts[-1]), int(holdout)
+        held = self._held_before(self.starts)
+        self.train_sizes = self.sizes - np.diff(held)  # what the mixture draws from
+        self.train_starts = self.starts - held
+
+    def _held_before(self, x: Any) -> Any:
+        """Held-out global indices < x: #{j : j * n / holdout < x} (elementwise for arrays)."""
+        if not self.holdout:
+            return x * 0
+        return np.minimum(self.holdout, -(-x * self.holdout // self.n))
+
+    def sample(self, shard: int, t: int) -> int:
+        """Sample in `shard` of the shard's t-th training sample."""
+        if not self.holdout:
+            return t
+        i = int(self.train_starts[shard]) + t
+        lo, hi = i, i + self.holdout  # the smallest global g with (g + 1) - held_before(g + 1) > i
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid + 1 - int(self._held_before(mid + 1)) > i:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo - int(self.starts[shard])
+
+    def held_out(self) -> list[tuple[int, int]]:
+        """(shard, sample in shard) of every held-out sample, in order."""
+        g = np.arange(self.holdout, dtype=np.int64) * self.n // max(self.holdout, 1)
+        shard = np.searchsorted(self.starts, g, side="right") - 1
+        return [(int(sh), int(x - self.starts[sh])) for sh, x in zip(shard, g)]
 
 
 class _Mixture:
@@ -162,7 +210,11 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
     Items: {"source", "kind", "key", "text" (caption or document text; interleaved: the segments list),
     "images" (PIL RGB images in document order, or their bytes with decode_images=False), "json" (the sample's
-    json), "epoch", "position" (global position in the epoch), "shard"}.
+    json), "epoch", "position" (global position in the epoch), "shard", "replaced" (the unreadable draws this
+    item stands in for, as [shard, sample, error]; usually empty)}.
+
+    Every position yields an item: a sample that cannot be read is replaced by the next readable draw of the same
+    source (counted in `errors`, logged), so all ranks yield the same count and DDP never waits at an epoch end.
 
     Args:
         seed: the mixing and shuffling seed; default the manifest's.
@@ -171,7 +223,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         samples_per_epoch: positions per epoch, over all ranks; default the sum of the sources' samples.
         batch_size: the DataLoader's batch size (workers take the rank's samples in chunks of it).
         shuffle: permute each source's shards and samples (the interleaving of sources is always seeded-random).
-        io_threads: threads reading and decoding ahead of the consumer.
+        io_threads: threads reading and decoding ahead of the consumer (which helps them when it would wait).
+        image_size: decode (JPEG draft), resize and center-crop images to this square size, as open_clip's eval
+            transform does, in the reading threads; None keeps them as stored.
     """
 
     def __init__(
@@ -187,6 +241,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         batch_size: int = 1,
         decode_images: bool = True,
         io_threads: int = 4,
+        image_size: int | None = None,
     ) -> None:
         for arg, value, low in (
             ("world_size", world_size, 1),
@@ -202,19 +257,19 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {short(rank)} is not in [0, world_size={world_size})")
         resolved = resolve_sources(manifest)
         self.unit = manifest.unit
-        self.sources = [_SourceFiles(s.name, s.kind, s.root, s.shards, s.index_uri) for s in resolved]
+        self.sources = [_SourceFiles(s.name, s.kind, s.root, s.shards, s.index_uri, s.holdout) for s in resolved]
         self.seed = manifest.seed if seed is None else seed
         self.mixture = _Mixture(
-            draw_probabilities(resolved, manifest.unit), [s.sizes for s in self.sources], self.seed, shuffle,
+            draw_probabilities(resolved, manifest.unit), [s.train_sizes for s in self.sources], self.seed, shuffle,
             shuffle_buffer,
         )  # fmt: skip
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.samples_per_epoch = samples_per_epoch or sum(self.mixture.n)
-        self.decode_images, self.io_threads = decode_images, io_threads
+        self.decode_images, self.io_threads, self.image_size = decode_images, io_threads, image_size
         self.epoch = 0
         self.position = 0  # where this epoch's iteration starts (a loaded state's position)
         self._consumed = 0  # positions this rank took in the current iteration (num_workers=0 only)
-        self.errors: collections.Counter[str] = collections.Counter()  # skipped samples per shard
+        self.errors: collections.Counter[str] = collections.Counter()  # unreadable samples per shard
 
     def __len__(self) -> int:
         return (self.samples_per_epoch - self.position) // self.world_size
@@ -237,6 +292,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             "samples_per_epoch": self.samples_per_epoch,
             "unit": self.unit,
             "sources": [s.name for s in self.sources],
+            "holdout": [s.holdout for s in self.sources],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -244,7 +300,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for k in ("seed", "samples_per_epoch", "unit", "sources"):
+        state = {"holdout": [0] * len(self.sources), **state}  # states from before holdouts existed
+        for k in ("seed", "samples_per_epoch", "unit", "sources", "holdout"):
             if state[k] != mine[k]:
                 raise ValueError(f"loader state has {k}={state[k]!r}, this dataset has {mine[k]!r}")
         self.epoch, self.position, self._consumed = int(state["epoch"]), int(state["position"]), 0
@@ -253,8 +310,28 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._consumed = 0
-        for j, item in _Reader(self, self.epoch).run(self._positions(worker, workers)):
-            self._consumed = j + 1  # positions, not items: a skipped sample still counts as taken
+        reader = _Reader(self, self.epoch)
+        for j, item in reader.run(reader.plan(self._positions(worker, workers))):
+            self._consumed = j + 1
+            yield item
+
+    def read_positions(self, epoch: int, positions: list[int]) -> list[dict[str, Any]]:
+        """The items the stream yields at these global positions of `epoch` (replacements included), read in one
+        go: how a resumed packer gets back the documents it held."""
+        reader, out = _Reader(self, epoch), [None] * len(positions)
+        for j, item in reader.run(reader.plan(enumerate(positions))):
+            out[j] = item
+        return out
+
+    def holdout_items(self, source: str) -> Iterator[dict[str, Any]]:
+        """The held-out samples of `source` (manifest `holdout: N`), in order, with epoch and position None. An
+        unreadable one is skipped, counted and logged: replacing it would hold out a training sample."""
+        s = next((i for i, src in enumerate(self.sources) if src.name == source), None)
+        if s is None:
+            raise KeyError(f"no source {source!r} (sources: {', '.join(src.name for src in self.sources)})")
+        reader = _Reader(self, None)
+        plan = ((j, None, s, None, shard, i) for j, (shard, i) in enumerate(self.sources[s].held_out()))
+        for _, item in reader.run(plan):
             yield item
 
     def _positions(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
@@ -273,7 +350,13 @@ def collate_samples(batch: Any) -> Any:
 
 class MixtureLoader(torch.utils.data.DataLoader):
     """A DataLoader over a MixtureDataset that counts the samples the training loop has taken, so that
-    state_dict() is exact with worker processes (whose dataset copies cannot report back)."""
+    state_dict() is exact with worker processes (whose dataset copies cannot report back).
+
+    With workers and the default collate, decoded RGB images travel in shared-memory buffers that each worker
+    reuses once the main process has dropped every image viewing them (Pillow's Arrow export: one copy in the
+    worker, none in the main process), instead of being pickled (a pixel repack and two copies each way, which
+    made workers slower than threads). `errors` counts the unreadable samples that the items reaching this
+    process replaced, per shard, whichever process read them."""
 
     def __init__(self, dataset: MixtureDataset, batch_size: int | None = None, **kwargs: Any) -> None:
         if (batch_size or 1) != dataset.batch_size:
@@ -281,14 +364,26 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 f"MixtureDataset(batch_size={dataset.batch_size}) must match the loader's batch_size={batch_size}: "
                 "workers take the rank's samples in chunks of one batch"
             )
+        self._share = "collate_fn" not in kwargs and kwargs.get("num_workers", 0) > 0 and hasattr(Image, "fromarrow")
+        if self._share:
+            import pyarrow  # noqa: F401  (here, so that forked workers do not each import it on their first batch)
         kwargs.setdefault("collate_fn", collate_samples)
         super().__init__(dataset, batch_size=batch_size, **kwargs)
         self.consumed = 0
+        self.errors: collections.Counter[str] = collections.Counter()
 
     def __iter__(self) -> Iterator[Any]:
         self.consumed = 0
         total = len(self.dataset)
+        if self._share:  # a new pool per iteration: the workers are new, and a batch never taken keeps its slot
+            self.collate_fn = _SharedImages(self.num_workers)
         for batch in super().__iter__():
+            if isinstance(batch, _SharedBatch):
+                batch = batch.unpack()
+            if isinstance(batch, list):
+                for item in batch:
+                    for shard, _, _ in item.get("replaced", ()) if isinstance(item, dict) else ():
+                        self.errors[shard] += 1
             self.consumed = min(self.consumed + (self.batch_size or 1), total)
             yield batch
 
@@ -300,35 +395,162 @@ class MixtureLoader(torch.utils.data.DataLoader):
         self.consumed = 0
 
 
+class _SharedBatch:
+    """A batch whose RGB images are in a shared-memory buffer (pool slot `slot`, or -1 for a one-off buffer)."""
+
+    def __init__(self, items: list[dict[str, Any]], buffer: torch.Tensor, slot: int, busy: torch.Tensor,
+                 layout: list[list[tuple]]) -> None:  # fmt: skip
+        self.items, self.buffer, self.slot, self.busy, self.layout = items, buffer, slot, busy, layout
+
+    def unpack(self) -> list[dict[str, Any]]:
+        """In the main process: PIL images that view the buffer; the slot is freed when the last one is gone."""
+        import pyarrow as pa
+
+        flat = self.buffer.numpy()
+        if self.slot >= 0:  # the worker may reuse the slot once no image holds the tensor (each one does, below)
+            weakref.finalize(self.buffer, self.busy.__setitem__, self.slot, 0)
+        for item, images in zip(self.items, self.layout):
+            for j, (start, stop, size) in images:
+                rgbx = pa.Array.from_buffers(pa.uint8(), stop - start, [None, pa.py_buffer(flat[start:stop])])
+                pixels = pa.FixedSizeListArray.from_arrays(rgbx, 4)  # RGB is stored as RGBX
+                item["images"][j] = img = Image.fromarrow(pixels, "RGB", size)
+                img._mm1data_buffer = self.buffer  # numpy views do not keep the tensor object alive
+        return self.items
+
+
+class _SharedImages:
+    """Worker-side collate: RGB PIL images -> one shared-memory buffer, from a few slots per worker that are
+    reused once free (a fresh buffer's pages fault and are zeroed on first write, which cost more than pickling)."""
+
+    SLOTS = 4  # per worker: batches the main process may hold before a worker allocates one-off buffers
+
+    def __init__(self, workers: int) -> None:
+        self.busy = torch.zeros(max(workers, 1) * self.SLOTS, dtype=torch.int8).share_memory_()  # 1: main holds it
+        self.buffers: dict[int, torch.Tensor] = {}  # this worker's slots (each worker process has its own dict)
+
+    def __call__(self, batch: Any) -> Any:
+        if not isinstance(batch, list):  # batch_size=None: one item, as it is
+            return batch
+        views, layout, total = [], [], 0
+        for item in batch:
+            images = []
+            for j, im in enumerate(item["images"]):
+                if isinstance(im, Image.Image) and im.mode == "RGB":
+                    flat = rgbx_pixels(im)  # Pillow's own pixels, no copy
+                    views.append(flat)
+                    images.append((j, (total, total + len(flat), im.size)))
+                    total += len(flat)
+                    item["images"][j] = None  # travels in the buffer, not in the pickle
+            layout.append(images)
+        if not views:
+            return batch
+        slot, buffer = self._buffer(total)
+        flat, at = buffer.numpy(), 0
+        for view in views:
+            flat[at : at + len(view)] = view
+            at += len(view)
+        return _SharedBatch(batch, buffer[:total], slot, self.busy, layout)
+
+    def _buffer(self, size: int) -> tuple[int, torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        first = (info.id if info is not None else 0) * self.SLOTS
+        for slot in range(first, first + self.SLOTS):
+            if self.busy[slot] == 0:
+                buf = self.buffers.get(slot)
+                if buf is None or len(buf) < size:
+                    buf = self.buffers[slot] = _shared_uint8(size + size // 4)
+                self.busy[slot] = 1
+                return slot, buf
+        return -1, _shared_uint8(size)
+
+
+def _shared_uint8(size: int) -> torch.Tensor:
+    """A uint8 tensor allocated in shared memory (so sending it to the main process moves no bytes)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+
+
+class _Task:
+    """One window to load, run by a pool thread or by the consumer, whichever claims it first."""
+
+    def __init__(self, fn: Any, arg: Any) -> None:
+        self.fn, self.arg = fn, arg
+        self.claim = threading.Lock()
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> bool:
+        if not self.claim.acquire(blocking=False):
+            return False
+        try:
+            self.result = self.fn(self.arg)
+        except BaseException as e:  # re-raised in the consumer
+            self.error = e
+        finally:
+            self.done.set()
+        return True
+
+    def get(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class _Reader:
     """One iteration's reading: the position -> sample plan, ranged reads and decoding in a thread pool."""
 
-    def __init__(self, ds: MixtureDataset, epoch: int) -> None:
+    def __init__(self, ds: MixtureDataset, epoch: int | None) -> None:
         self.ds, self.epoch = ds, epoch
+        if Image.core.get_blocks_max() == 0:  # Pillow's default frees every image's memory at once; keeping some
+            Image.core.set_blocks_max(4 * WINDOW * ds.io_threads)  # spares the next decode's page faults (-11% CPU)
         self.offsets = functools.lru_cache(maxsize=1024)(self._offsets)
         self.warned: set[str] = set()
 
-    def run(self, positions: Iterator[tuple[int, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    def plan(self, positions: Iterator[tuple[int, int]]) -> Iterator[tuple]:
+        """(j, global position) -> (j, position, source, its draw k, shard, sample in shard)."""
+        mix = self.ds.mixture
+        for j, g in positions:
+            s, k = mix.source_at(self.epoch, g)
+            shard, t = mix.locate(s, self.epoch, k)
+            yield j, g, s, k, shard, self.ds.sources[s].sample(shard, t)
+
+    def run(self, plan: Iterator[tuple]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(j, item) for each planned sample, in order. A consumer that would wait for the oldest window runs a
+        window that no thread has started yet instead (pool threads skip what it claimed)."""
         pool = ThreadPoolExecutor(self.ds.io_threads, thread_name_prefix="mm1data-read")
-        pending: collections.deque = collections.deque()
+        pending: collections.deque[_Task] = collections.deque()
+        windows, started = self._windows(plan), False
         try:
-            for window in self._windows(positions):
-                pending.append(pool.submit(self._load, window))
-                # emit what is ready; wait only when the read-ahead bound is reached (memory: these windows)
-                while pending and (pending[0].done() or len(pending) > 2 * self.ds.io_threads):
-                    yield from self._emit(pending.popleft().result())
-            while pending:
-                yield from self._emit(pending.popleft().result())
+            while True:
+                while len(pending) <= 2 * (self.ds.io_threads + 1):  # read-ahead (the consumer works too)
+                    window = next(windows, None)
+                    if window is None:
+                        break
+                    pending.append(task := _Task(self._load, window))
+                    if started:
+                        pool.submit(task.run)
+                if not pending:
+                    return
+                head = pending[0]
+                # The first window (one sample) runs here before any thread starts (starting one waits for the GIL);
+                # later, help with any window no thread has started, but only after the head, which comes first.
+                if not head.done.is_set() and not (head.run() or (started and any(t.run() for t in pending))):
+                    head.done.wait()
+                if head.done.is_set():
+                    yield from self._emit(pending.popleft().get())
+                    if not started:  # the first sample is out: now start the threads
+                        started = True
+                        for task in pending:
+                            pool.submit(task.run)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _windows(self, positions: Iterator[tuple[int, int]]) -> Iterator[list[tuple]]:
-        """Windows of WINDOW positions, the first ones smaller (1, 2, 4, ...) so the first sample comes early."""
-        mix, window, size = self.ds.mixture, [], 1
-        for j, g in positions:
-            s, k = mix.source_at(self.epoch, g)
-            shard, i = mix.locate(s, self.epoch, k)
-            window.append((j, g, s, shard, i))
+    def _windows(self, plan: Iterator[tuple]) -> Iterator[list[tuple]]:
+        """Windows of WINDOW samples, the first ones smaller (1, 2, 4, ...) so the first sample comes early."""
+        window, size = [], 1
+        for target in plan:
+            window.append(target)
             if len(window) == size:
                 yield window
                 window, size = [], min(2 * size, WINDOW)
@@ -336,38 +558,59 @@ class _Reader:
             yield window
 
     def _emit(self, results: list[tuple]) -> Iterator[tuple[int, dict[str, Any]]]:
-        for j, g, s, shard, i, item, error in results:
+        for j, g, item, failures in results:
+            for uri, i, error in failures:
+                self.ds.errors[uri] += 1
+                level = logging.DEBUG if uri in self.warned else logging.WARNING
+                self.warned.add(uri)
+                instead = "skipped" if item is None else f"replaced by {item['key']} of shard {item['shard']}"
+                log.log(level, "unreadable sample %d of shard %s (position %s) %s: %s", i, uri, g, instead, error)
             if item is not None:
                 yield j, item
-                continue
-            uri = self.ds.sources[s].tars[shard]
-            self.ds.errors[uri] += 1
-            level = logging.DEBUG if uri in self.warned else logging.WARNING
-            self.warned.add(uri)
-            log.log(level, "skipped sample %d of shard %s (position %d): %s", i, uri, g, error)
 
     def _load(self, window: list[tuple]) -> list[tuple]:
-        """Read, parse and decode one window (runs in the pool)."""
+        """Read, parse and decode one window (runs in the pool): (j, position, item or None, failures)."""
         wanted = collections.defaultdict(set)
-        for _, _, s, shard, i in window:
+        for _, _, s, _, shard, i in window:
             wanted[s, shard].add(i)
         raw = {}
         for (s, shard), ids in wanted.items():
             for i, data in self._read(s, shard, sorted(ids)).items():
                 raw[s, shard, i] = data
         out = []
-        for j, g, s, shard, i in window:
-            src, data, item, error = self.ds.sources[s], raw[s, shard, i], None, None
-            if isinstance(data, bytes):
-                try:
-                    item = _decode(src.kind, data, self.ds.decode_images)
-                    item.update(source=src.name, kind=src.kind, epoch=self.epoch, position=g, shard=src.tars[shard])
-                except Exception as e:  # a corrupt sample is data, not a bug: skipped and counted
-                    error = f"{type(e).__name__}: {e}"
-            else:
-                error = data
-            out.append((j, g, s, shard, i, item, error))
+        for j, g, s, k, shard, i in window:
+            item, error = self._item(s, shard, i, g, raw[s, shard, i])
+            failures = [] if item is not None else [(self.ds.sources[s].tars[shard], i, error)]
+            if item is None and k is not None:
+                item = self._replacement(s, k, g, failures)
+            if item is not None:
+                item["replaced"] = [list(f) for f in failures]
+            out.append((j, g, item, failures))
         return out
+
+    def _item(self, s: int, shard: int, i: int, g: int | None, data: bytes | str) -> tuple[dict | None, str | None]:
+        """(item, None) from a sample's bytes, or (None, why not)."""
+        if not isinstance(data, bytes):
+            return None, data
+        src = self.ds.sources[s]
+        try:
+            item = _decode(src.kind, data, self.ds.decode_images, self.ds.image_size)
+        except Exception as e:  # a corrupt sample is data, not a bug: replaced (or skipped) and counted
+            return None, f"{type(e).__name__}: {e}"
+        item.update(source=src.name, kind=src.kind, epoch=self.epoch, position=g, shard=src.tars[shard])
+        return item, None
+
+    def _replacement(self, s: int, k: int, g: int, failures: list[tuple]) -> dict[str, Any]:
+        """The next readable draw of source s after its k-th (a whole pass is tried before giving up)."""
+        mix, src = self.ds.mixture, self.ds.sources[s]
+        for k2 in range(k + 1, k + 1 + mix.n[s]):
+            shard, t = mix.locate(s, self.epoch, k2)
+            i = src.sample(shard, t)
+            item, error = self._item(s, shard, i, g, self._read(s, shard, [i])[i])
+            if item is not None:
+                return item
+            failures.append((src.tars[shard], i, error))
+        raise RuntimeError(f"source {src.name!r}: no readable sample in {mix.n[s]} draws (last: {failures[-1]})")
 
     def _offsets(self, s: int, shard: int) -> np.ndarray | str:
         """The shard's sample offsets, or why its sidecar cannot be read (its samples are then skipped). A sidecar
@@ -490,16 +733,141 @@ def _text_fields(members: dict[str, bytes], meta: dict[str, Any]) -> tuple[Any, 
 KIND_FIELDS = {"caption": _caption_fields, "interleaved": _interleaved_fields, "text": _text_fields}
 
 
-def _decode(kind: str, data: bytes, decode_images: bool) -> dict[str, Any]:
+def _decode(kind: str, data: bytes, decode_images: bool, image_size: int | None = None) -> dict[str, Any]:
     key, members = _parse_tar(data)
     meta = json.loads(members["json"]) if "json" in members else {}
     text, images = KIND_FIELDS[kind](members, meta)
     if decode_images:
-        images = [_open_image(b) for b in images]
+        images = [_open_image(b, image_size) for b in images]
     return {"key": key, "text": text, "images": images, "json": meta}
 
 
-def _open_image(data: bytes) -> Image.Image:
+def _open_image(data: bytes, size: int | None = None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
+    if size is not None:
+        img.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale that keeps both sides >= size
     img.load()  # decode here, in the pool thread, and fail here on a bad image
-    return img if img.mode == "RGB" else img.convert("RGB")
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    return img if size is None else resize_crop(img, size)
+
+
+# ------------------------------------------------------------------------------------------------ packed batches
+
+PACKED_STATE_VERSION = 1
+
+
+class PackedLoader:
+    """Batches of packed sequences from a MixtureDataset, epoch after epoch, with an exact state_dict().
+
+    A thread pulls items through a MixtureLoader (DataLoader workers read and decode), packs them with `packer`
+    and collates `batch_size` sequences at a time (`collate_fn(list of sequences)`), up to `prefetch` batches
+    ahead. Each batch carries the state after it: the loader's position after the last item the packer pulled
+    and the documents the packer holds (SequencePacker.state_dict), so state_dict() is the state after the last
+    batch the caller took however far the thread has read ahead, and load_state_dict() resumes the same batches.
+    An epoch that ends starts the next one (set_epoch), so the stream never runs out.
+    """
+
+    def __init__(
+        self,
+        dataset: MixtureDataset,
+        packer: Any,
+        batch_size: int,
+        collate_fn: Any,
+        *,
+        num_workers: int = 0,
+        prefetch: int = 2,
+    ) -> None:
+        self.dataset, self.packer, self.batch_size, self.collate_fn = dataset, packer, batch_size, collate_fn
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.errors: collections.Counter[str] = collections.Counter()  # unreadable samples replaced, per shard
+        self._state = self._snapshot(0)
+        self._started = False
+
+    def _snapshot(self, pulled: int) -> dict[str, Any]:
+        return {
+            "version": PACKED_STATE_VERSION,
+            "loader": self.dataset.state_dict(consumed=pulled),
+            "packer": self.packer.state_dict(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: the state after the last batch taken from the iterator."""
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != PACKED_STATE_VERSION:
+            raise ValueError(f"packed loader state version {state.get('version')!r}, expected {PACKED_STATE_VERSION}")
+        self.dataset.load_state_dict(state["loader"])
+        self.packer.load_state_dict(state["packer"], self._fetch)
+        self._state = state
+
+    def _fetch(self, refs: list[list[Any]]) -> list[dict[str, Any]]:
+        """Items at [epoch, position] refs (what the packer held), read again from the shards."""
+        out: list[Any] = [None] * len(refs)
+        by_epoch = collections.defaultdict(list)
+        for i, (epoch, position) in enumerate(refs):
+            by_epoch[epoch].append((i, position))
+        for epoch, wanted in by_epoch.items():
+            for (i, _), item in zip(wanted, self.dataset.read_positions(epoch, [p for _, p in wanted])):
+                out[i] = item
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._started:  # the last iteration's thread read ahead: go back to what the caller took
+            self.load_state_dict(self._state)
+        self._started = True
+        ready: queue.Queue = queue.Queue(self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(ready, stop), name="mm1data-pack", daemon=True)
+        thread.start()
+        try:
+            while True:
+                batch, state, error = ready.get()
+                if error is not None:
+                    raise error
+                self._state = state
+                yield batch
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+
+    def _produce(self, ready: queue.Queue, stop: threading.Event) -> None:
+        ds, pulled = self.dataset, 0
+
+        def items() -> Iterator[dict[str, Any]]:
+            nonlocal pulled
+            while not stop.is_set():
+                fresh = ds.position == 0
+                loader = MixtureLoader(ds, ds.batch_size, num_workers=self.num_workers)
+                for batch in loader:
+                    for item in batch:
+                        for shard, _, _ in item["replaced"]:
+                            self.errors[shard] += 1
+                        pulled += 1  # counted before the packer holds it: a state taken after it includes it
+                        yield item
+                    if stop.is_set():
+                        return
+                if fresh and pulled == 0:
+                    raise RuntimeError(f"rank {ds.rank} of {ds.world_size} gets no samples in an epoch")
+                ds.set_epoch(ds.epoch + 1)
+                pulled = 0
+
+        try:
+            seqs = self.packer.pack(items())
+            while not stop.is_set():
+                group = list(itertools.islice(seqs, self.batch_size))
+                if len(group) < self.batch_size:  # only when stopping
+                    return
+                item = (self.collate_fn(group), self._snapshot(pulled), None)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, which raises it
+            ready.put((None, None, e))

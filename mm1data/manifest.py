@@ -31,10 +31,13 @@ class Source:
     index: str  # the corpus' index.json (or its folder): absolute, s3://, or relative to the manifest's folder
     weight: float  # relative; normalised across sources, counted in the manifest's unit
     sha256: str | None = None  # pin: sha256 of the index.json bytes; a different index is an error
+    holdout: int = 0  # samples set aside (evenly spaced in index order), never trained on: held-out loss
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("a source needs a name")
+        if self.holdout < 0:
+            raise ConfigError(f"source {self.name!r}: holdout must be >= 0, got {self.holdout}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ConfigError(f"source {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
         if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
@@ -112,6 +115,7 @@ class ResolvedSource:
     weight: float
     index_uri: str
     index: dict[str, Any]
+    holdout: int = 0  # held-out samples (Source.holdout), not in the training stream
 
     @property
     def kind(self) -> str:
@@ -158,7 +162,9 @@ def resolve_sources(manifest: Manifest) -> list[ResolvedSource]:
             raise ConfigError(f"source {s.name!r}: {uri} has unknown kind {kind!r} (known: {', '.join(KINDS)})")
         if not isinstance(shards, list):
             raise ConfigError(f"source {s.name!r}: {uri}: shards must be a list")
-        out.append(ResolvedSource(s.name, s.weight, uri, index))
+        if s.holdout and s.holdout >= (n := sum(int(sh["num_samples"]) for sh in shards)):
+            raise ConfigError(f"source {s.name!r}: holdout {s.holdout} leaves none of its {n} samples to train on")
+        out.append(ResolvedSource(s.name, s.weight, uri, index, s.holdout))
     return out
 
 
@@ -262,6 +268,7 @@ def check_manifest(manifest: Manifest, budget_tokens: int | None = None) -> dict
                 "tokens": s.total("tokens"),
                 "bytes": s.total("bytes"),
                 "weight": s.weight,
+                "holdout": s.holdout,
                 "weight_share": s.weight / total_weight,
                 "draw_probability": p,
                 "share_samples": float(shares["samples"][i]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import json
@@ -17,8 +18,9 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
+from mm1data.config import ConfigError
 from mm1data.loader import MixtureDataset, MixtureLoader
-from mm1data.manifest import load_manifest
+from mm1data.manifest import Manifest, load_manifest
 from mm1data.schema import make_key
 from mm1data.shards import read_offsets
 
@@ -224,6 +226,30 @@ def test_dataloader_workers_keep_the_rank_order_and_resume_exactly(mix):
         MixtureLoader(ds, batch_size=8)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_worker_images_travel_in_reused_shared_buffers_and_stay_intact(mix):
+    """Images from workers view shared buffers that a worker reuses only once no image holds them: images kept
+    across many batches (more than the slots), and images dropped at once, both equal the in-process decode."""
+    import gc
+
+    m = manifest_over(mix, {"caption": 0.5, "interleaved": 0.5})
+    kw = {"samples_per_epoch": 120, "shuffle_buffer": 8, "batch_size": 2}
+    want = {(it["position"]): [np.asarray(im).copy() for im in it["images"]] for it in MixtureDataset(m, **kw)}
+    loader = MixtureLoader(MixtureDataset(m, **kw), batch_size=2, num_workers=2)
+    kept = []
+    for i, batch in enumerate(loader):
+        kept += batch
+        if i % 8 == 0:
+            gc.collect()
+    assert len(kept) == 120 and all(isinstance(im, Image.Image) for it in kept for im in it["images"])
+    assert all(
+        all(np.array_equal(np.asarray(im), w) for im, w in zip(it["images"], want[it["position"]])) for it in kept
+    )
+    for batch in loader:  # dropped at once: slots are reused, and what arrives is still right
+        for it in batch:
+            assert all(np.array_equal(np.asarray(im), w) for im, w in zip(it["images"], want[it["position"]]))
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than CPUs here
 def test_every_rank_yields_the_same_count_with_fewer_shards_than_workers(tmp_path):
     corpora.write_corpus(str(tmp_path / "text"), "text", 5, per_shard=5)  # one shard
@@ -277,11 +303,33 @@ def loader_log():
     logger.setLevel(level)
 
 
-def test_truncated_shard_skips_only_its_missing_samples(tmp_path, loader_log):
+def source_draws(m, **kw) -> tuple[list[dict], dict[str, list[str]]]:
+    """(the stream, and a longer run's keys of each source in draw order): read before damaging a corpus."""
+    clean = list(MixtureDataset(m, **kw))
+    draws: dict[str, list[str]] = {}
+    for it in MixtureDataset(m, **{**kw, "samples_per_epoch": 10 * len(clean)}):
+        draws.setdefault(it["source"], []).append(it["key"])
+    return clean, draws
+
+
+def replaced_stream(clean: list[dict], draws: dict[str, list[str]], lost: set[str]) -> list[tuple[int, str, str]]:
+    """What the stream yields when the `lost` samples cannot be read: each lost draw is replaced by its source's
+    next draw that is not lost (the draws of a source come in position order)."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in clean:
+        k = seen[it["source"]] = seen.get(it["source"], -1) + 1
+        while draws[it["source"]][k] in lost:
+            k += 1
+        out.append((it["position"], it["source"], draws[it["source"]][k]))
+    return out
+
+
+def test_truncated_shard_replaces_its_missing_samples_with_the_next_readable_draw(tmp_path, loader_log):
     corpora.write_mix(str(tmp_path), {"caption": 40, "interleaved": 30, "text": 20}, per_shard=10)
     m = manifest_over(str(tmp_path))
     kw = {"samples_per_epoch": 150, "shuffle_buffer": 8, "decode_images": False}
-    clean = list(MixtureDataset(m, **kw))
+    clean, draws = source_draws(m, **kw)
     bad = str(tmp_path / "caption" / "caption-000001.tar")
     offsets = read_offsets(bad[: -len(".tar")] + ".idx")
     with open(bad, "r+b") as f:
@@ -289,31 +337,108 @@ def test_truncated_shard_skips_only_its_missing_samples(tmp_path, loader_log):
     lost = {make_key("caption", 10 + i) for i in range(6, 10)}
     ds = MixtureDataset(m, **kw)
     got = list(ds)
-    assert ids(got) == ids(it for it in clean if it["key"] not in lost)  # every other sample, in the same order
+    assert len(got) == 150  # every position yields: no rank runs short
+    assert ids(got) == replaced_stream(clean, draws, lost)
     n_lost = sum(it["key"] in lost for it in clean)
-    assert n_lost > 0 and ds.errors == {bad: n_lost}
+    assert n_lost > 0 and set(ds.errors) == {bad} and ds.errors[bad] >= n_lost
+    assert sum(bool(it["replaced"]) for it in got) == n_lost
+    assert all(r[0] == bad and r[1] >= 6 for it in got for r in it["replaced"])
     assert any(msg.startswith("WARNING") and bad in msg and "truncated" in msg for msg in loader_log)
-    assert sum(bad in msg for msg in loader_log) == n_lost  # the rest at DEBUG level, still naming the shard
+    assert sum(bad in msg for msg in loader_log) == ds.errors[bad]  # the rest at DEBUG level, still naming the shard
 
 
-def test_corrupt_header_and_missing_shard_are_skipped_and_named(tmp_path, loader_log):
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_corrupt_header_and_missing_shard_are_replaced_named_and_counted_through_workers(tmp_path, loader_log):
     corpora.write_mix(str(tmp_path), {"text": 30}, per_shard=10)
     m = manifest_over(str(tmp_path), {"text": 1.0})
-    clean = list(MixtureDataset(m, decode_images=False))
+    clean, draws = source_draws(m, decode_images=False, samples_per_epoch=60)
     bad = str(tmp_path / "text" / "text-000000.tar")
     offsets = read_offsets(bad[: -len(".tar")] + ".idx")
     with open(bad, "r+b") as f:
         f.seek(offsets[3] + 10)  # inside the first header of sample 3: its checksum fails
         f.write(b"garbage")
-    os.unlink(str(tmp_path / "text" / "text-000002.tar"))
-    ds = MixtureDataset(m, decode_images=False)
-    got = list(ds)
-    lost = {make_key("text", 3)} | {make_key("text", i) for i in range(20, 30)}
-    assert ids(got) == ids(it for it in clean if it["key"] not in lost)
     missing = str(tmp_path / "text" / "text-000002.tar")
-    assert ds.errors == {bad: 1, missing: 10}
+    os.unlink(missing)
+    lost = {make_key("text", 3)} | {make_key("text", i) for i in range(20, 30)}
+    ds = MixtureDataset(m, decode_images=False, samples_per_epoch=60)
+    got = list(ds)
+    assert ids(got) == replaced_stream(clean, draws, lost)
+    assert set(ds.errors) == {bad, missing}
     assert any("checksum" in msg and bad in msg for msg in loader_log)
     assert any(msg.startswith("WARNING") and missing in msg for msg in loader_log)
+    # two ranks with two workers each: the same count on both; the main process counts what the workers replaced
+    counts, errors = [], collections.Counter()
+    for r in range(2):
+        ds = MixtureDataset(m, rank=r, world_size=2, decode_images=False, samples_per_epoch=60, batch_size=4)
+        loader = MixtureLoader(ds, batch_size=4, num_workers=2)
+        counts.append(sum(len(b) for b in loader))
+        errors += loader.errors
+    assert counts == [30, 30] and set(errors) == {bad, missing}
+
+
+def test_a_source_with_nothing_readable_raises_naming_it(tmp_path):
+    corpora.write_mix(str(tmp_path), {"text": 10, "caption": 10}, per_shard=10)
+    m = manifest_over(str(tmp_path), {"text": 0.5, "caption": 0.5})
+    os.unlink(str(tmp_path / "text" / "text-000000.tar"))
+    with pytest.raises(RuntimeError, match="source 'text': no readable sample"):
+        list(MixtureDataset(m, decode_images=False))
+
+
+def test_holdout_index_mapping_matches_a_plain_set_difference():
+    from mm1data.loader import _SourceFiles
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sizes = [int(x) for x in rng.integers(1, 12, rng.integers(1, 6))]
+        n = sum(sizes)
+        holdout = int(rng.integers(0, n))
+        shards = [{"path": f"s-{i}.tar", "num_samples": k} for i, k in enumerate(sizes)]
+        src = _SourceFiles("s", "text", "/x", shards, "index.json", holdout)
+        held = sorted({j * n // holdout for j in range(holdout)}) if holdout else []
+        assert len(held) == holdout
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        assert [int(starts[sh]) + i for sh, i in src.held_out()] == held
+        for sh in range(len(sizes)):
+            train = [g - starts[sh] for g in range(starts[sh], starts[sh + 1]) if g not in set(held)]
+            assert src.train_sizes[sh] == len(train)
+            assert [src.sample(sh, t) for t in range(len(train))] == train
+
+
+def test_holdout_samples_are_never_drawn_and_read_back_in_order(tmp_path):
+    corpora.write_mix(str(tmp_path), {"text": 30, "caption": 20}, per_shard=7)
+    path = corpora.write_manifest(
+        str(tmp_path / "m.yaml"),
+        [{"name": "text", "index": "text/index.json", "weight": 1, "holdout": 4},
+         {"name": "caption", "index": "caption/index.json", "weight": 1, "holdout": 3}],
+    )  # fmt: skip
+    m = load_manifest(path)
+    ds = MixtureDataset(m, decode_images=False, shuffle_buffer=5, samples_per_epoch=600)
+    drawn = {it["key"] for it in ds}
+    held = {
+        "text": [make_key("text", i) for i in (0, 7, 15, 22)],  # floor(j * 30 / 4)
+        "caption": [make_key("caption", i) for i in (0, 6, 13)],  # floor(j * 20 / 3)
+    }
+    for name, keys in held.items():
+        assert [it["key"] for it in ds.holdout_items(name)] == keys
+        assert not drawn & set(keys)
+    assert len(drawn) == 30 + 20 - 7  # every other sample is drawn
+    assert MixtureDataset(m).samples_per_epoch == 43
+    state = ds.state_dict()
+    assert state["holdout"] == [4, 3]
+    other = MixtureDataset(manifest_over(str(tmp_path), {"text": 1, "caption": 1}), samples_per_epoch=600)
+    with pytest.raises(ValueError, match="holdout"):
+        other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="holdout 20 leaves none"):
+        MixtureDataset(Manifest.from_dict({**m.to_dict(), "sources": [{**m.sources[1].__dict__, "holdout": 20}]}))
+
+
+def test_read_positions_gives_what_the_stream_yields(mix):
+    m = manifest_over(mix)
+    ds = MixtureDataset(m, samples_per_epoch=120, shuffle_buffer=8, decode_images=False)
+    ds.set_epoch(2)
+    full = list(ds)
+    picks = [5, 0, 77, 119, 5]
+    assert ids(ds.read_positions(2, picks)) == [ids(full)[p] for p in picks]
 
 
 def test_state_checks_and_length(mix):
@@ -325,6 +450,8 @@ def test_state_checks_and_length(mix):
     other = MixtureDataset(m, seed=7, samples_per_epoch=100)
     with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "holdout"}  # a state saved before holdouts existed still loads
+    MixtureDataset(m, world_size=4, rank=3, samples_per_epoch=100).load_state_dict(old)
     ds.set_epoch(3)
     ds.load_state_dict({**state, "epoch": 3})
     ds.set_epoch(3)  # the loaded epoch keeps its position
@@ -335,8 +462,11 @@ def test_state_checks_and_length(mix):
         MixtureDataset(m, rank=2, world_size=2)
 
 
-def test_loader_and_manifest_do_not_import_ray():
-    code = "import sys, mm1data.loader, mm1data.manifest; assert 'ray' not in sys.modules, 'ray imported'"
+def test_loader_manifest_packing_and_trainer_do_not_import_ray():
+    code = (
+        "import sys, mm1data.loader, mm1data.manifest, mm1data.packing, mm1data.train.model, mm1data.train.train; "
+        "assert 'ray' not in sys.modules, 'ray imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

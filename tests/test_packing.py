@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 
 import numpy as np
@@ -18,7 +19,9 @@ from mm1data.packing import (
     SequencePacker,
     collate,
     efficiency,
+    image_transform,
     load_tokenizer,
+    resize_crop,
 )
 
 SMALL = SequenceConfig(max_tokens=256, max_images=4, image_tokens=16, image_size=16)
@@ -256,6 +259,66 @@ def test_collate_shapes_dtypes_padding_and_images():
     assert torch.allclose(raw["images"][b, j, 0], torch.ones(8, 8)) and (raw["images"][b, j, 1:] == 0).all()
     with pytest.raises(ValueError, match="caps"):
         collate(seqs, SequenceConfig(max_tokens=8, max_images=3, image_tokens=4, image_size=8))
+
+
+def test_uint8_collate_and_resize_crop_match_the_float_transform():
+    """resize_crop is image_transform's geometry (the loader applies it in its threads): the float transform of
+    the cropped image equals that of the original, and uint8 pixels / 255, normalised, are the float images."""
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((37, 20), (16, 41), (16, 16))
+    ]
+    cfg = SequenceConfig(max_tokens=64, max_images=3, image_tokens=4, image_size=16)
+    transform = image_transform(16)
+    for im in images:
+        assert resize_crop(im, 16).size == (16, 16)
+        assert torch.equal(transform(resize_crop(im, 16)), transform(im))
+    seqs = list(
+        SequencePacker(cfg).pack(
+            [interleaved("a", [{"image": 0}, {"image": 1}, {"image": 2}], 3) | {"images": images}]
+        )
+    )
+    floats, uint8 = collate(seqs, cfg), collate(seqs, cfg, normalize=False)
+    assert uint8["images"].dtype == torch.uint8
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert torch.allclose((uint8["images"][0, :3].float() / 255 - mean) / std, floats["images"][0, :3], atol=1e-5)
+    assert {k: v for k, v in uint8.items() if k != "images"}.keys() == {k for k in floats if k != "images"}
+
+
+def indexed(items: list[dict]) -> list[dict]:
+    """Items as the loader yields them: with (epoch, position), so a packer state can name them."""
+    return [it | {"epoch": 0, "position": i} for i, it in enumerate(items)]
+
+
+@pytest.mark.parametrize("cfg", [SMALL, TINY], ids=["small", "tiny"])
+def test_packer_state_resumes_the_exact_sequence_stream(cfg):
+    """Cut after k sequences: a new packer loaded with the state (its held documents read again by position) and
+    fed the items after the last one pulled yields the rest of the uninterrupted stream, cut points included."""
+    items = indexed(random_mix(3, 120))
+    full = list(SequencePacker(cfg, lookahead=8).pack(items))
+    for k in (0, 1, 5, len(full) // 2, len(full) - 1):
+        pulled = 0
+
+        def counted():
+            nonlocal pulled
+            for it in items:
+                pulled += 1
+                yield it
+
+        packer = SequencePacker(cfg, lookahead=8)
+        seqs = packer.pack(counted())
+        first = [next(seqs) for _ in range(k)]
+        state, taken = json.loads(json.dumps(packer.state_dict())), pulled
+        assert state["sequences"] == k and len(state["buffer"]) <= 8 and len(state["opened"]) <= packer.max_open
+        fetched = []
+        again = SequencePacker(cfg, lookahead=8)
+        again.load_state_dict(state, lambda refs, out=fetched: out.extend(refs) or [items[p] for _, p in refs])
+        rest = list(again.pack(items[taken:]))
+        assert [s["input_ids"] for s in first + rest] == [s["input_ids"] for s in full], k
+        assert [s["keys"] for s in first + rest] == [s["keys"] for s in full]
+        assert len(fetched) == len(state["buffer"]) + len(state["opened"])
+    with pytest.raises(ValueError, match="packer state version"):
+        SequencePacker(cfg).load_state_dict({"version": 99}, lambda refs: [])
 
 
 def test_byte_tokenizer_round_trip():
