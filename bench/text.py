@@ -7,7 +7,7 @@ jsonl files of consecutive lines. Both sides read the same files, with --cpus N:
   mm1data    mm1data.pipelines.run_pipeline("pipelines/text.yaml", INPUT, OUTPUT, ["input.id_col=id"]): the
              text_gopher preset (lid.176 English + Gopher quality and repetition), exact and MinHash dedup (14 x 8,
              5-grams), tar shards, meta/*.parquet and index.json; on ray.init(address="local", num_cpus=N), started
-             before the clock.
+             before the clock. Plain jsonl is cut into 32 MB work units (input.bytes_per_unit): one per file here.
   datatrove  LocalPipelineExecutor([JsonlReader, GopherRepetitionFilter(), GopherQualityFilter(),
              LanguageFilter(languages=["en"]), MinhashDedupSignature(config=14 x 8, 5-grams, seed 1)], tasks=N,
              workers=N): what the issue compares against; it stops at the signature files.
@@ -30,8 +30,8 @@ datatrove offline (datatrove 0.10.1; nothing here reaches the internet):
   - The English word tokenizer (Gopher filters, MinHash shingles) is spaCy's blank("en"): rules only, no model to
     download; no NLTK data is needed for English.
   - xxhash 4 refuses str, which datatrove's xxhash64 passes (its `processing` extra pins xxhash<4; mm1data needs 4):
-    XxhashSignature, a MinhashDedupSignature, hashes s.encode() instead (bench/minhash.py measures that wrapper's
-    cost: a few percent of the signature time).
+    XxhashSignature, a MinhashDedupSignature, hashes s.encode() instead (bench/minhash.py prints that wrapper's
+    cost).
 
 Measured per side: wall time from the call to its end; CPU seconds of the child and every process below it (Ray's
 gcs, raylet and workers; datatrove's forkserver and pool workers), summed from /proc/<pid>/stat sampled every 0.25 s
@@ -41,14 +41,17 @@ processes under the driver whose cmdline holds "ray::"; datatrove: its pool work
 PeakRSS: it would also see another engineer's Ray on the machine. docs/s counts input documents; per core divides by
 N; docs per CPU-second is the figure that other load on the machine disturbs least.
 
-Printed: the table and ratios; each side's counts per step (mm1data's funnel, datatrove's stats); mm1data's phase
-times (its INFO log: staging, corpus-wide dedup/decisions, shards, meta) and Ray Data's per-operator remote wall and
-CPU time; then a profile (--profile-n documents, one process, time.process_time) of each stage of both sides per
-document: mm1data's reader, each filter of the chain in order, the exact and MinHash hashes and the staging writer;
-datatrove's reader, filters and signature.
-
-The corpus's vocabulary is small (a few hundred template words): mm1data's tokenizer caches each whitespace-free
-chunk it has tokenized, so here it nearly always hits its cache, more than on web text.
+Printed: the table and ratios; each side's counts per step (mm1data's funnel, datatrove's stats); CPU seconds by
+process (driver, Ray's or datatrove's workers, raylet, gcs_server, ...); mm1data's phase times (its INFO log: staging,
+corpus-wide dedup/decisions, shards, meta) and Ray Data's per-operator remote wall and CPU time (Ray logs only a
+dataset's last operator; the child makes it log them all). Then a profile, in this process (time.process_time,
+each stage run once on 20 documents first), of each stage of both sides in CPU ms per input document, on
+--profile-n documents of this corpus and on as many of bench/fidelity.py's real ones (standard-library docstrings
+and comments): mm1data's reader, each filter of the chain in order over batches of 256 (a filter scores every row),
+the exact and MinHash hashes and the staging writer; datatrove's reader, filters (each on the documents the one
+before kept) and signature. The corpus's vocabulary is small (a few hundred template words) and mm1data's tokenizer
+caches each whitespace-free chunk it has tokenized, so here it nearly always hits its cache; the real documents,
+with their caches emptied first, show what a larger vocabulary costs.
 
     .venv/bin/python bench/text.py [--n 30000] [--files 8] [--cpus 2] [--no-dedup] [--profile-n 2000] [--keep DIR]
 
@@ -78,6 +81,8 @@ from fidelity import real_documents  # bench/fidelity.py: docstrings and comment
 ROOT = Path(__file__).resolve().parents[1]
 HZ = os.sysconf("SC_CLK_TCK")
 EDGE_ROWS = 5  # make_text_corpus's last rows: empty, null, binary, lone surrogate, malformed
+RAY_WORKERS = "ray workers"
+DATATROVE_WORKERS = "datatrove forkserver + pool workers"
 MH = {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8, "seed": 1}  # mm1data's MinHashConfig()
 
 
@@ -176,21 +181,18 @@ class TreeUsage:
         cmd = [c.decode(errors="replace") for c in self.cmdline.get(pid, b"").split(b"\0") if c]
         if pid == self.root:
             return "driver"
-        if cmd and cmd[0].startswith("ray::"):
-            return "ray workers (ray::)"
+        if cmd and (cmd[0].startswith("ray::") or any(c.endswith("default_worker.py") for c in cmd)):
+            return RAY_WORKERS  # "ray::IDLE", "ray::MapBatches(...)" once running, default_worker.py before
         if "forkserver" in " ".join(cmd):
-            return "datatrove forkserver + pool workers"
+            return DATATROVE_WORKERS
         if cmd and os.path.basename(cmd[0]).startswith("python"):
             cmd = [c for c in cmd[1:] if not c.startswith("-")]  # the script run
         return os.path.basename(cmd[0]) if cmd else "?"
 
-    def peak_mib(self, needle: bytes | None) -> tuple[float, int]:
-        """(largest VmHWM in MiB, number of processes) of the tree's processes whose cmdline holds `needle`; the
-        driver (this process) when needle is None."""
+    def peak_mib(self, label: str) -> tuple[float, int]:
+        """(largest VmHWM in MiB, number of processes) of the tree's processes with this label()."""
         with self._lock:
-            if needle is None:
-                return self.hwm_kib.get(self.root, 0) / 1024, 1
-            hits = [k for p, k in self.hwm_kib.items() if p != self.root and needle in self.cmdline.get(p, b"")]
+            hits = [k for p, k in self.hwm_kib.items() if self.label(p) == label]
         return (max(hits) / 1024 if hits else 0.0), len(hits)
 
 
@@ -248,8 +250,8 @@ def side_mm1data(inp: str, out: str, cpus: int) -> dict[str, Any]:
         time.sleep(0.5)
         usage.sample()
         ray.shutdown()
-    driver, _ = usage.peak_mib(None)
-    worker, n_workers = usage.peak_mib(b"ray::")
+    driver, _ = usage.peak_mib("driver")
+    worker, n_workers = usage.peak_mib(RAY_WORKERS)
     funnel = index["funnel"]
     return {
         **result,
@@ -293,6 +295,14 @@ def ray_operators(log: str) -> list[dict[str, Any]]:
         elif op and (m := re.search(r"\* Remote (wall|cpu) time: .*?([\d.]+)(us|ms|s) total", line)):
             op[f"{m.group(1)}_s"] = float(m.group(2)) * _UNITS[m.group(3)]
     return list(ops.values())
+
+
+def ray_datasets(log: str) -> list[tuple[float, str]]:
+    """(seconds, operators) of each Ray Data dataset executed, in order, from the driver's log."""
+    plans = dict(re.findall(r"Execution plan of Dataset (\S+): (.*)", log))
+    done = re.findall(r"Dataset (\S+) execution finished in ([\d.]+) seconds", log)
+    ops = {k: " -> ".join(o for o in re.findall(r"\[(.*?)\]", v) if o != "Input") for k, v in plans.items()}
+    return [(float(s), ops.get(k, "?")) for k, s in done]
 
 
 # --- datatrove -----------------------------------------------------------------------------------------------------
@@ -393,8 +403,8 @@ def side_datatrove(inp: str, work: str, cpus: int, dedup: bool) -> dict[str, Any
             stats = [executor(*run).run() for run in runs]
             result = clock.stop()
         steps = step_counts(stats[0]) + (step_counts(stats[-1])[1:] if len(stats) > 1 else [])
-        driver, _ = usage.peak_mib(None)
-        worker, n = usage.peak_mib(b"forkserver")
+        driver, _ = usage.peak_mib("driver")
+        worker, n = usage.peak_mib(DATATROVE_WORKERS)
         return {**result, "steps": steps, "driver_mib": driver, "worker_mib": worker, "workers": n}
 
     out = {"signatures": timed([(stage1("signatures", writer=False), "signatures", cpus)])}
@@ -570,7 +580,8 @@ def run_side(side: str, args: argparse.Namespace, inp: Path, work: Path) -> dict
         sys.exit(f"{side} failed (exit {proc.returncode}); see {log}")
     out = json.loads(result[-1][len("RESULT ") :])
     if side == "mm1data":
-        out["operators"] = ray_operators(log.read_text(encoding="utf-8", errors="replace"))
+        text = log.read_text(encoding="utf-8", errors="replace")
+        out["operators"], out["datasets"] = ray_operators(text), ray_datasets(text)
     return out
 
 
@@ -598,7 +609,7 @@ def report(data: dict[str, Any], mm: dict[str, Any], dt: dict[str, Any], cpus: i
         rates["datatrove+dedup"] = row("datatrove (+ writer, dedup)", dt["dedup"], docs, cpus)
     print(
         "  (busy: cores of the machine busy during the run, all processes; others: busy less this side's CPU;"
-        f" the machine has {os.cpu_count()}; RSS: driver, largest worker (mm1data: {mm['workers']} ray:: processes;"
+        f" the machine has {os.cpu_count()}; RSS: driver, largest worker (mm1data: {mm['workers']} Ray workers;"
         f" datatrove: {dt['signatures']['workers']} forkserver processes))"
     )
     for peer in ("datatrove", "datatrove+dedup"):
@@ -631,6 +642,9 @@ def report(data: dict[str, Any], mm: dict[str, Any], dt: dict[str, Any], cpus: i
     print("\n== mm1data's phases (its log) and Ray Data's operators (remote time summed over tasks)")
     for line in mm["phases"]:
         print(f"  {line}")
+    print("  Ray Data datasets in turn (seconds from start to finish, operators):")
+    for sec, ops in mm["datasets"]:
+        print(f"    {sec:6.2f}s  {ops[:110]}")
     print(f"  {'operator':<72} {'tasks':>5} {'wall s':>7} {'CPU s':>7}")
     for op in mm["operators"]:
         print(f"  {op['name'][:72]:<72} {op['tasks']:5d} {op['wall_s']:7.1f} {op['cpu_s']:7.1f}")
