@@ -37,9 +37,10 @@ Measured per side: wall time from the call to its end; CPU seconds of the child 
 gcs, raylet and workers; datatrove's forkserver and pool workers), summed from /proc/<pid>/stat sampled every 0.25 s
 (the last < 0.25 s of a process that exits between samples is missed); how busy the machine's cores were meanwhile
 (/proc/stat: all processes, ours and others'); peak RSS (VmHWM) of the driver and of the largest worker (mm1data:
-processes under the driver whose cmdline holds "ray::"; datatrove: its pool workers). Not bench/common.py's
-PeakRSS: it would also see another engineer's Ray on the machine. docs/s counts input documents; per core divides by
-N; docs per CPU-second is the figure that other load on the machine disturbs least.
+Ray's workers under the driver, "ray::..." or default_worker.py before Ray renames them; datatrove: its forkserver
+and pool workers). Not bench/common.py's PeakRSS: it would also see another engineer's Ray on the machine. docs/s
+counts input documents; per core divides by N; docs per CPU-second is the figure that other load on the machine
+disturbs least.
 
 Printed: the table and ratios; each side's counts per step (mm1data's funnel, datatrove's stats); CPU seconds by
 process (driver, Ray's or datatrove's workers, raylet, gcs_server, ...); mm1data's phase times (its INFO log: staging,
