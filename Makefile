@@ -26,6 +26,7 @@ bench: install
 	$(PY) bench/minhash.py
 	$(PY) bench/loader.py
 	$(PY) bench/fidelity.py
+	$(PY) bench/text.py
 	$(PY) bench/scale.py
 
 lint: install
