@@ -9,21 +9,22 @@ from collections.abc import Iterator
 
 class PeakRSS:
     """Context manager: a thread that samples, every `period_s`, the memory of every process whose /proc cmdline
-    contains `needle`, leaving out those already running on entry (a finished dataset's actors linger a while).
+    contains `needle`, leaving out those already running on entry when `new_only` (a finished dataset's actors
+    linger a while; but Ray's idle workers, started with it, run the next tasks).
 
     Two figures per process: VmHWM, the kernel's peak RSS, which also counts the pages of Ray's shared object store
     that the process touched (a worker reading a block maps it); and the largest RssAnon sampled, its private
     memory, with the process title at that moment (Ray retitles a worker with the task it runs)."""
 
-    def __init__(self, needle: str = "ImageDownloader", period_s: float = 0.2) -> None:
-        self.needle, self.period_s = needle.encode(), period_s
+    def __init__(self, needle: str = "ImageDownloader", period_s: float = 0.2, new_only: bool = True) -> None:
+        self.needle, self.period_s, self.new_only = needle.encode(), period_s, new_only
         self.peak_kib: dict[str, int] = {}  # pid -> max VmHWM seen
         self.anon_kib: dict[str, tuple[int, str]] = {}  # pid -> (max RssAnon sampled, title then)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PeakRSS:
-        self._old = {pid for pid, *_ in self._scan()}
+        self._old = {pid for pid, *_ in self._scan()} if self.new_only else set()
         self._thread.start()
         return self
 

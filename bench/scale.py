@@ -164,7 +164,7 @@ def measure(version: str, kind: str, root: str, cpus: int) -> dict:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     out = os.path.join(root, version)
-    with PeakRSS("ray::") as rss:
+    with PeakRSS("ray::", new_only=False) as rss:  # Ray's workers started by ray.init run tasks too
         t0 = time.perf_counter()
         if version == "new":
             from mm1data.pipelines import caption, text
