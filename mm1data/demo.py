@@ -270,12 +270,127 @@ def make_text_corpus(n: int, seed: int = 0) -> tuple[list[str], dict[int, str]]:
     return lines, expect
 
 
-def run_demo(out: str = "demo_out", n: int = 300, n_text: int = 300) -> dict[str, Any]:
-    """Build a caption corpus and a text corpus under `out`, print their funnels; returns {corpus: index.json}."""
+# ---- the interleaved corpus: a small web site -----------------------------------------------------------------
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<link rel="stylesheet" href="/static/site.css"><script>window.track = function () {{ return 1; }};</script></head>
+<body>
+<header><img src="/static/logo.png" alt="Demo site logo"><h1>The Demo Gazette</h1></header>
+<nav><ul><li><a href="/">Home</a></li><li><a href="/news/">News</a></li><li><a href="/about">About us</a></li>
+<li><a href="/contact">Contact</a></li><li><a href="/privacy">Privacy policy</a></li></ul></nav>
+<div class="cookie-banner" id="cookie-consent">This site uses cookies. By continuing you accept our cookie policy.
+<button>Accept</button></div>
+<main><article><h2>{title}</h2>
+{body}
+</article></main>
+<aside class="sidebar"><h3>Popular</h3><ul>{popular}</ul><img src="/static/banner-ad.jpg" alt="advert"></aside>
+<footer><p>Copyright 2026 The Demo Gazette. All rights reserved.</p><p><a href="/terms">Terms of use</a> |
+<a href="/privacy">Privacy policy</a></p></footer>
+</body></html>
+"""
+
+
+def make_web_site(server: ImageServer, n: int, seed: int = 0) -> list[str]:
+    """n article pages on `server` (paragraphs of English-like prose with drawn images between them, inside the
+    navigation, header, footer, cookie banner and sidebar real sites have), plus the things crawls hold: a logo and
+    an advert on every page, images in srcset and lazy-load attributes, relative URLs, a data: placeholder, a
+    dead image, a tiny icon, a page repeated under a second URL. Returns the page URLs to crawl."""
+    rng = np.random.default_rng(seed)
+    logo, _ = draw_image(rng, (240, 240))
+    ad, _ = draw_image(rng, (600, 300))
+    server.routes["/static/logo.png"] = Route(logo)
+    server.routes["/static/banner-ad.jpg"] = Route(ad)
+    server.routes["/static/icon-share.png"] = Route(draw_image(rng, (32, 32))[0])
+    pages = []
+    for i in range(n):
+        parts = []
+        for j in range(int(rng.integers(2, 5))):
+            parts.append(f"<p>{make_document(rng, int(rng.integers(3, 6)))}</p>")
+            body, caption = draw_image(rng)
+            path = f"/img/{i}/{j}.jpg"
+            server.routes[path] = Route(body)
+            kind = rng.random()
+            if kind < 0.2:  # a lazy-loaded image: a data: placeholder in src, the real one in data-src
+                tag = f'<img src="data:image/gif;base64,R0lGODlhAQABAAAAACw=" data-src="{path}" alt="{caption}">'
+            elif kind < 0.35:  # a responsive image: the largest srcset candidate is the one to fetch
+                server.routes[path.replace(".jpg", "-small.jpg")] = Route(draw_image(rng, (160, 160))[0])
+                tag = f'<img src="{path.replace(".jpg", "-small.jpg")}" srcset="{path} 800w" alt="{caption}">'
+            elif kind < 0.45:  # relative to the page
+                tag = f'<img src="../img/{i}/{j}.jpg" alt="{caption}">'
+            else:
+                tag = f'<figure><img src="{path}" alt="{caption}"><figcaption>{caption}.</figcaption></figure>'
+            parts.append(tag)
+        if i % 7 == 3:
+            parts.append('<img src="/img/gone.jpg" alt="a photo that is gone">')  # a dead link
+        if i % 5 == 1:
+            parts.append('<img src="/static/icon-share.png" alt="share">')  # too small, and an icon
+        parts.append(f"<p>{make_document(rng, 3)}</p>")
+        popular = "".join(f'<li><a href="/news/{k}.html">Story {k}</a></li>' for k in range(5))
+        html = PAGE.format(title=f"Story number {i}", body="\n".join(parts), popular=popular).encode()
+        server.routes[f"/news/{i}.html"] = Route(html, headers={"Content-Type": "text/html; charset=utf-8"})
+        pages.append(server.url(f"/news/{i}.html"))
+    server.routes["/mirror/0.html"] = server.routes["/news/0.html"]  # the same page under a second URL
+    pages.append(server.url("/mirror/0.html"))
+    return pages
+
+
+def crawl_to_warc(urls: list[str], path: str) -> None:
+    """Fetch each page and write it as a WARC response record (what a crawler like Common Crawl stores)."""
+    import urllib.request
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = resp.read()
+                headers = StatusAndHeaders(f"{resp.status} OK", list(resp.headers.items()), protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                          http_headers=headers))  # fmt: skip
+
+
+def build_interleaved_corpus(out: str, n: int) -> dict[str, Any]:
+    """The demo web site, crawled to a WARC, through the interleaved pipeline (OBELICS' rules, relevance scored by
+    a random-weight CLIP: computed, not thresholded)."""
+    from mm1data.cli import print_funnel
+    from mm1data.pipelines import run_pipeline
+
+    corpus = os.path.join(out, "interleaved")
+    if os.path.exists(corpus):
+        shutil.rmtree(corpus)
+    with ImageServer() as server:
+        pages = make_web_site(server, n)
+        inp = os.path.join(out, "input", "crawl.warc.gz")
+        os.makedirs(os.path.dirname(inp), exist_ok=True)
+        crawl_to_warc(pages, inp)
+        print(f"demo: {len(pages)} web pages served from {server.url('/')}, crawled to {inp}")
+        overrides = [
+            "download.allow_private_hosts=true",
+            "download.image_size=256",
+            "relevance.model=mm1data-tiny-clip",
+            "relevance.pretrained=null",
+            "relevance.min=-1",  # random weights: every similarity is noise, so nothing is removed by it
+            "shards.samples_per_shard=50",
+            "filters=interleaved_obelics",
+        ]
+        index = run_pipeline(None, inp, corpus, ["pipeline=interleaved", *overrides])
+    print_funnel(index, corpus)
+    return index
+
+
+def run_demo(out: str = "demo_out", n: int = 300, n_text: int = 300, n_pages: int = 60) -> dict[str, Any]:
+    """Build the interleaved, caption and text corpora under `out`, print their funnels; returns {corpus: index}."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1, like the server
     os.makedirs(out, exist_ok=True)
-    indexes = {"caption": build_caption_corpus(out, n), "text": build_text_corpus(out, n_text)}
+    indexes = {
+        "interleaved": build_interleaved_corpus(out, n_pages),
+        "caption": build_caption_corpus(out, n),
+        "text": build_text_corpus(out, n_text),
+    }
     manifest = write_demo_manifest(out, indexes)
     stream_mixture(manifest)
     train_demo(manifest, os.path.join(out, "train"))
@@ -283,7 +398,7 @@ def run_demo(out: str = "demo_out", n: int = 300, n_text: int = 300) -> dict[str
 
 
 def write_demo_manifest(out: str, indexes: dict[str, dict[str, Any]]) -> str:
-    """manifest.yaml beside the corpora: MM1's weights for the kinds built (interleaved has no pipeline yet)."""
+    """manifest.yaml beside the corpora: MM1's 45/45/10 weights for the kinds built."""
     import yaml
 
     weights = {"interleaved": 0.45, "caption": 0.45, "text": 0.10}  # MM1 (REFERENCE.md); relative weights

@@ -352,6 +352,7 @@ class Decoded:
     height: int
     orig_width: int
     orig_height: int
+    orig_format: str = ""  # the fetched image's format, lowercased PIL name: jpeg, png, webp, gif, ...
 
 
 def target_size(w: int, h: int, cfg: DownloadConfig) -> tuple[int, int]:
@@ -385,7 +386,7 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
             im.draft("RGB", (tw, th))  # DCT-domain downscale by 1/2, 1/4 or 1/8: the main speed-up
         im.load()  # a full decode even when unchanged: truncated or corrupt data fails here, not in training
         if not resize and fmt in PIL_FORMATS and im.mode in ("RGB", "L"):
-            return Decoded(body, PIL_FORMATS[fmt], w, h, w, h)  # unchanged: keep the original bytes
+            return Decoded(body, PIL_FORMATS[fmt], w, h, w, h, fmt.lower())  # unchanged: keep the original bytes
         im = _to_rgb(im)
         if resize:  # as img2dataset: crop and border apply only when the image is resized
             up = tw > im.size[0]
@@ -411,7 +412,7 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
         raise FetchError("decompression_bomb") from e
     except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, ...
         raise FetchError("decode_error") from e
-    return Decoded(out.getvalue(), ext, im.size[0], im.size[1], w, h)
+    return Decoded(out.getvalue(), ext, im.size[0], im.size[1], w, h, (fmt or "").lower())
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -441,6 +442,7 @@ OUT_COLUMNS = (
     "download_bytes",
     "download_time_s",
     "download_attempts",
+    "orig_format",
 )
 
 
@@ -478,18 +480,19 @@ class ImageDownloader:
                 nbytes,
                 time.monotonic() - t0,
                 attempts,
+                img.orig_format,
             )
         except FetchError as e:
             status = e.status or status
             attempts = getattr(e, "attempts", attempts or 1)
-            return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts)
+            return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts, "")
         except Exception:  # a per-URL surprise must not fail the batch: record it as data and go on
             log.warning("unexpected error fetching %r", url, exc_info=True)
-            return (b"", "", 0, 0, 0, 0, "", status, "fetch_error", nbytes, time.monotonic() - t0, attempts or 1)
+            return (b"", "", 0, 0, 0, 0, "", status, "fetch_error", nbytes, time.monotonic() - t0, attempts or 1, "")
 
     def __call__(self, batch: Batch) -> Batch:
         todo = batch["drop_reason"] == ""
-        skipped = (b"", "", 0, 0, 0, 0, "", 0, "", 0, 0.0, 0)
+        skipped = (b"", "", 0, 0, 0, 0, "", 0, "", 0, 0.0, 0, "")
         futures = [self.pool.submit(self._one, str(u)) if t else None for u, t in zip(batch["url"], todo)]
         rows = [f.result() if f is not None else skipped for f in futures]
         cols = list(zip(*rows)) if rows else [()] * len(OUT_COLUMNS)
@@ -506,6 +509,7 @@ class ImageDownloader:
             np.int64,
             np.float32,
             np.int32,
+            object,
         )
         for name, values, dt in zip(OUT_COLUMNS, cols, dtypes):
             arr = np.empty(len(values), dtype=object) if dt is object else np.asarray(values, dtype=dt)

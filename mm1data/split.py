@@ -110,7 +110,7 @@ def finalize(
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
-    _write_meta(out, pos.ids, summaries, kept_before, starts, names)
+    _write_meta(out, pos.ids, summaries, kept_before, starts, names, kind.items)
     _remove_stale(out, cfg.corpus, set(names))
     log.info(
         "corpus-wide: dedup and decisions %.1fs, shard plan %.1fs, %d shards %.1fs, meta %.1fs",
@@ -122,7 +122,13 @@ def finalize(
     for s in summaries:
         counts.update(s["reasons"])
         funnel_counts.update(s["funnel"])
-    funnel = {"rows_in": int(sum(s["rows"] for s in summaries)), **funnel_counts}
+    funnel: dict[str, Any] = {"rows_in": int(sum(s["rows"] for s in summaries))}
+    for k, v in sorted(funnel_counts.items()):  # "images.kept": n -> funnel["images"]["kept"] = n
+        top, _, sub = k.partition(".")
+        if sub:
+            funnel.setdefault(top, {})[sub] = v
+        else:
+            funnel[k] = v
     funnel["dropped"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     funnel["kept"] = int(kept.sum())
     index = build_index(
@@ -301,6 +307,9 @@ def _decide_unit(
         t = t.set_column(t.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist(), pa.string()))
         for col, values in extra.items():
             t = t.append_column(col, pa.array(values.tolist(), pa.string()))
+        if kind.decided is not None:
+            t = kind.decided(t)
+            reason = t["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
         _write_parquet(decided_uri(output, pos.ids[u]), t)
         kept = reason == ""
         sizes = t[kind.size_col].to_numpy() if kind.size_col in t.column_names else np.zeros(t.num_rows, np.int64)
@@ -449,7 +458,13 @@ def _write_shards(
 
 
 def write_meta_part(
-    output: str, j: int, ids: list[str], units: list[tuple[int, int]], shard_starts: np.ndarray, names: list[str]
+    output: str,
+    j: int,
+    ids: list[str],
+    units: list[tuple[int, int]],
+    shard_starts: np.ndarray,
+    names: list[str],
+    items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None,
 ) -> None:
     """Ray task: meta/part-{j}.parquet from the decided files of `units` [(unit, its first kept rank)], each kept row
     with its shard's name. Units are written one at a time (a row group each): the task holds one unit's rows."""
@@ -462,6 +477,7 @@ def write_meta_part(
     schema = pa.unify_schemas(schemas) if schemas else empty
     schema = pa.schema([f for f in schema if f.name not in INTERNAL]).append(pa.field("shard", pa.string()))
     buf = io.BytesIO()
+    item_tables = []
     with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
         for uri, (_, first_rank) in zip(uris, units):
             t = _read_parquet(uri)
@@ -470,7 +486,13 @@ def write_meta_part(
             ranks = first_rank + np.arange(int(kept.sum()))
             shard[kept] = np.asarray(names, dtype=object)[np.searchsorted(shard_starts, ranks, side="right") - 1]
             t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
-            writer.write_table(pa.table({f.name: _column(t, f) for f in schema}, schema=schema))
+            t = pa.table({f.name: _column(t, f) for f in schema}, schema=schema)
+            writer.write_table(t)
+            if items is not None:
+                item_tables.append(items[1](t))
+    if items is not None:  # the item rows first: a part exists only once its items do
+        rows = pa.concat_tables(item_tables, promote_options="permissive") if item_tables else pa.table({})
+        _write_parquet(storage.join(output, f"meta_{items[0]}", f"part-{j:06d}.parquet"), rows)
     storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
 
 
@@ -482,7 +504,13 @@ def _column(t: pa.Table, field: pa.Field) -> pa.Array:
 
 
 def _write_meta(
-    output: str, ids: list[str], summaries: list[dict], kept_before: np.ndarray, starts: np.ndarray, names: list[str]
+    output: str,
+    ids: list[str],
+    summaries: list[dict],
+    kept_before: np.ndarray,
+    starts: np.ndarray,
+    names: list[str],
+    items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None,
 ) -> None:
     """Meta parts of about META_ROWS rows each, from consecutive units; stale parts of an earlier, larger run go."""
     import ray
@@ -499,12 +527,13 @@ def _write_meta(
         rows += s["rows"]
     remote = ray.remote(num_cpus=0.5, max_retries=3)(write_meta_part)
     ids_ref, starts_ref, names_ref = ray.put(ids), ray.put(starts), ray.put(names)
-    ray.get([remote.remote(output, j, ids_ref, g, starts_ref, names_ref) for j, g in enumerate(groups)])
+    ray.get([remote.remote(output, j, ids_ref, g, starts_ref, names_ref, items) for j, g in enumerate(groups)])
     written = {f"part-{j:06d}.parquet" for j in range(len(groups))}
-    for f in storage.list_files(storage.join(output, "meta"), recursive=False):
-        name = f.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet") and name not in written:
-            storage.delete(f)
+    for folder in ["meta"] + ([f"meta_{items[0]}"] if items else []):
+        for f in storage.list_files(storage.join(output, folder), recursive=False):
+            name = f.rsplit("/", 1)[-1]
+            if name.startswith("part-") and name.endswith(".parquet") and name not in written:
+                storage.delete(f)
 
 
 def _remove_stale(output: str, corpus: str, keep: set[str]) -> None:

@@ -11,7 +11,11 @@ from typing import Any
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
 
 # kind -> module holding KIND (a runner.Kind) and its Config
-PIPELINES = {"caption": "mm1data.pipelines.caption", "text": "mm1data.pipelines.text"}
+PIPELINES = {
+    "caption": "mm1data.pipelines.caption",
+    "interleaved": "mm1data.pipelines.interleaved",
+    "text": "mm1data.pipelines.text",
+}
 
 
 def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> tuple[Any, Any]:

@@ -83,6 +83,11 @@ class Kind:
     funnel: Callable[[pa.Table], dict[str, int]] = lambda t: {}  # kind counts for the funnel (e.g. downloaded)
     enables: dict[str, str] = field(default_factory=dict)  # a scorer column -> the setting that computes it
     warnings: Callable[[Any], list[str]] = lambda cfg: []
+    # a unit's rows after the dedup marks are applied -> the same rows with the kind's own part of the marks applied
+    # (e.g. images removed from their documents); None: nothing to do
+    decided: Callable[[pa.Table], pa.Table] | None = None
+    # a meta part's rows -> the score store's item rows (e.g. one per image), written to meta_{items}/; None: none
+    items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None
 
 
 def absolute(path: str | None) -> str | None:
@@ -154,10 +159,13 @@ def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Uni
     stages = kind.stages(cfg, cpus)
     batch = kind.batch_size(cfg)
 
-    def filters(ds, names: set[str] | None):  # the chain's filters on these scorer columns (None: on none)
-        part = tuple(
-            c for c in chain if (set(get_filter(c.name).needs) & names if names else not get_filter(c.name).needs)
-        )
+    def filters(ds, names: set[str] | None, late: bool = False):  # the chain's filters on these scorer columns
+        def here(f: type) -> bool:  # names None: the filters that need no scorer; late: those that count what
+            if getattr(f, "late", False):  # every scorer left (e.g. a document's images after relevance)
+                return late
+            return not late and (bool(set(f.needs) & names) if names else not f.needs)
+
+        part = tuple(c for c in chain if here(get_filter(c.name)))
         if not part:
             return ds
         return ds.map_batches(apply_chain, fn_kwargs={"cfg": part}, batch_size=batch, num_cpus=kind.filter_cpus)
@@ -186,6 +194,7 @@ def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Uni
     ds = filters(ds, None)  # -> + a score column per filter, drop_reason
     for s in (s for s in stages if s.place == "score"):  # -> + e.g. clip_score, then the filters thresholding it
         ds = filters(apply(ds, s), set(s.provides))
+    ds = filters(ds, None, late=True)
     for s in (s for s in stages if s.place == "after"):  # -> + e.g. text_hash, mh_bands
         ds = apply(ds, s)
     return ds.map_batches(  # -> rows (one count per batch committed to staging)

@@ -91,7 +91,8 @@ class ClipScorer:
         im = im.convert("RGB")
         return np.asarray(self.pil_steps(im)) if self.batched else self.preprocess(im)
 
-    def similarity(self, images: list[bytes], captions: list[str]) -> np.ndarray:
+    def embed_images(self, images: list[bytes]):
+        """Unit-norm image embeddings (float32, on the device), one per encoded image."""
         import torch
 
         pixels = list(self.pool.map(self._pixels, images))
@@ -100,11 +101,19 @@ class ClipScorer:
             pixels = (x - self.mean) / self.std
         else:
             pixels = torch.stack(pixels)
-        tokens = self.tokenizer(captions)
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
-            img = self.model.encode_image(pixels.to(self.device), normalize=True)
-            txt = self.model.encode_text(tokens.to(self.device), normalize=True)
-        return (img.float() * txt.float()).sum(-1).cpu().numpy()
+            return self.model.encode_image(pixels.to(self.device), normalize=True).float()
+
+    def embed_texts(self, texts: list[str]):
+        """Unit-norm text embeddings (float32, on the device); a text past the context length is truncated."""
+        import torch
+
+        tokens = self.tokenizer(texts)
+        with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.model.encode_text(tokens.to(self.device), normalize=True).float()
+
+    def similarity(self, images: list[bytes], captions: list[str]) -> np.ndarray:
+        return (self.embed_images(images) * self.embed_texts(captions)).sum(-1).cpu().numpy()
 
     def __call__(self, batch: Batch) -> Batch:
         kept = np.flatnonzero(batch["drop_reason"] == "")  # no model time on rejected rows

@@ -1,0 +1,470 @@
+"""Interleaved image-text documents (OBELICS, MMC4, WARC or HTML pages): read -> download every image -> image,
+paragraph and document filters -> CLIP relevance of each image to its document's paragraphs -> stage; then document
+URL, image-set and frequent-image dedup -> shards of `KEY.json` (ordered segments) + `KEY.0.jpg`, `KEY.1.jpg`, ...
+
+A row is a document of n positions, each a paragraph or an image (OBELICS' form). Nothing removes a position: a stage
+or filter writes a reason at it in `seg_reason`, and only the shard writer leaves it out, so the score store keeps
+every paragraph and image with its scores (meta/ a row per document, meta_images/ a row per image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mm1data.config import check, to_dict
+from mm1data.dedup import ExactDedup, FrequentValues
+from mm1data.download import DownloadConfig, ImageDownloader
+from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
+from mm1data.read import InterleavedInputConfig, read_interleaved_unit
+from mm1data.schema import count_tokens
+from mm1data.scorers.clip import ClipConfig, ClipScorer
+from mm1data.stage import Batch
+
+
+@dataclass(frozen=True)
+class RelevanceConfig(ClipConfig):
+    """MMC4's image-text relevance: each image against every kept paragraph of its document (CLIP cosine)."""
+
+    min: float = 0.15  # an image whose best similarity is lower is removed (MMC4: 0.15 with ViT-L/14)
+    batch_size: int = 64  # images (and, separately, paragraphs) per model call
+
+
+@dataclass(frozen=True)
+class InterleavedDedupConfig:
+    url: bool = True  # dup_url: documents with the same URL keep the first (OBELICS)
+    image_set: bool = True  # dup_image_set: documents with the same set of images keep the first (OBELICS)
+    in_document: bool = True  # dup_image_in_doc: an image repeated in its document keeps its first position
+    max_image_docs: int = 10  # dup_image_url: an image URL in more documents is removed everywhere; 0 = off
+
+    def __post_init__(self) -> None:
+        check(self, "max_image_docs", ge=0)
+
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    pipeline: str = "interleaved"
+    corpus: str = "interleaved"  # shard name prefix: {corpus}-000000.tar
+    input: InterleavedInputConfig = field(default_factory=InterleavedInputConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
+    dedup: InterleavedDedupConfig = field(default_factory=InterleavedDedupConfig)
+    batch_size: int = 32  # documents per download / filter / staging batch
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self, "batch_size", ge=1)
+
+
+# ---- download ------------------------------------------------------------------------------------------------
+
+# per-position columns the download stage adds (a value at every position; the empty value at paragraphs)
+IMAGE_COLUMNS = {
+    "image": (None, "image"),
+    "image_ext": ("", "image_ext"),
+    "image_format": ("", "orig_format"),
+    "image_width": (0, "width"),
+    "image_height": (0, "height"),
+    "image_orig_width": (0, "orig_width"),
+    "image_orig_height": (0, "orig_height"),
+    "image_sha256": ("", "sha256"),
+    "image_status": (0, "download_status"),
+    "image_error": ("", "download_error"),
+}
+
+
+def _lists(column: np.ndarray) -> list[list]:
+    return [list(v) if v is not None else [] for v in column]
+
+
+def _obj(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class DocumentImages:
+    """Fetches every kept image of a batch of documents with the caption corpus' downloader (the same guards, limits,
+    retries and resizing), all URLs of the batch at once on its thread pool, each distinct URL once. A failed image
+    gets its download error as its seg_reason; `data:` URLs are dropped (image_data_url: mostly lazy-load
+    placeholders); an image URL or image bytes repeated in a document keep the first position (dup_image_in_doc)."""
+
+    def __init__(self, cfg: tuple[DownloadConfig, bool]) -> None:
+        self.download, self.in_document = ImageDownloader(cfg[0]), cfg[1]
+
+    def __call__(self, batch: Batch) -> Batch:
+        images, reasons = _lists(batch["images"]), _lists(batch["seg_reason"])
+        urls: dict[str, int] = {}  # distinct URL -> its row in the fetch batch
+        wanted = []  # (document, position, fetch row)
+        for d, (doc_urls, seg) in enumerate(zip(images, reasons)):
+            if batch["drop_reason"][d] != "":
+                continue
+            seen = set()
+            for i, u in enumerate(doc_urls):
+                if u is None or seg[i]:
+                    continue
+                if u.startswith("data:"):
+                    seg[i] = "image_data_url"
+                elif self.in_document and u in seen:
+                    seg[i] = "dup_image_in_doc"
+                else:
+                    seen.add(u)
+                    wanted.append((d, i, urls.setdefault(u, len(urls))))
+        fetched = self.download({"url": _obj(list(urls)), "drop_reason": _obj([""] * len(urls))})
+        out = {name: [[empty] * len(u) for u in images] for name, (empty, _) in IMAGE_COLUMNS.items()}
+        for d, i, j in wanted:
+            for name, (_, src) in IMAGE_COLUMNS.items():
+                v = fetched[src][j]
+                out[name][d][i] = (v or None) if name == "image" else (v.item() if hasattr(v, "item") else v)
+            if fetched["download_error"][j]:
+                reasons[d][i] = fetched["download_error"][j]
+        if self.in_document:  # the same bytes under two URLs
+            for shas, seg in zip(out["image_sha256"], reasons):
+                seen = set()
+                for i, h in enumerate(shas):
+                    if h and not seg[i]:
+                        if h in seen:
+                            seg[i] = "dup_image_in_doc"
+                        seen.add(h)
+        for name, values in out.items():
+            batch[name] = _obj(values)
+        batch["seg_reason"] = _obj(reasons)
+        return batch
+
+
+# ---- relevance -----------------------------------------------------------------------------------------------
+
+
+def _kept(row_images: list, seg: list, image_bytes: list | None = None) -> tuple[list[int], list[int]]:
+    """-> (kept image positions, kept paragraph positions) of a document."""
+    imgs, paras = [], []
+    for i, r in enumerate(seg):
+        if r:
+            continue
+        if row_images[i] is not None and (image_bytes is None or image_bytes[i] is not None):
+            imgs.append(i)
+        elif row_images[i] is None:
+            paras.append(i)
+    return imgs, paras
+
+
+class Relevance(ClipScorer):
+    """Adds image_relevance (each kept image's best CLIP cosine against its document's kept paragraphs; NaN
+    elsewhere) and image_best_segment (that paragraph's position; -1 elsewhere), as MMC4 scores images against
+    sentences. An image under `min` gets seg_reason `relevance`. A document without kept paragraphs is not scored.
+    Paragraphs are cut to the model's context (77 tokens for CLIP), as MMC4's sentences are short."""
+
+    def __init__(self, cfg: RelevanceConfig) -> None:
+        super().__init__(cfg)
+        self.min, self.chunk = cfg.min, cfg.batch_size
+
+    def _embed(self, fn, items: list) -> Any:
+        import torch
+
+        if not items:
+            return None
+        return torch.cat([fn(items[a : a + self.chunk]) for a in range(0, len(items), self.chunk)])
+
+    def __call__(self, batch: Batch) -> Batch:
+        texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
+        data = _lists(batch["image"])
+        docs, img_items, txt_items = [], [], []
+        for d in range(len(texts)):
+            imgs, paras = _kept(images[d], reasons[d], data[d]) if batch["drop_reason"][d] == "" else ([], [])
+            if imgs and paras:
+                docs.append((d, imgs, paras, len(img_items), len(txt_items)))
+                img_items += [data[d][i] for i in imgs]
+                txt_items += [texts[d][i] for i in paras]
+        img_emb, txt_emb = self._embed(self.embed_images, img_items), self._embed(self.embed_texts, txt_items)
+        relevance = [[float("nan")] * len(s) for s in reasons]
+        best = [[-1] * len(s) for s in reasons]
+        for d, imgs, paras, a, b in docs:
+            sim = (img_emb[a : a + len(imgs)] @ txt_emb[b : b + len(paras)].T).cpu().numpy()
+            for k, i in enumerate(imgs):
+                relevance[d][i] = float(sim[k].max())
+                best[d][i] = paras[int(sim[k].argmax())]
+                if relevance[d][i] < self.min:
+                    reasons[d][i] = "relevance"
+        batch["image_relevance"], batch["image_best_segment"] = _obj(relevance), _obj(best)
+        batch["seg_reason"] = _obj(reasons)
+        return batch
+
+
+# ---- after every filter --------------------------------------------------------------------------------------
+
+
+def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
+    """-> + image_urls (the kept images' distinct URLs: the frequent-image rule counts them), image_set (a hash of
+    the kept images' sha256 set; "" without images), images_kept, paragraphs_kept, doc_bytes (the kept payload, for
+    cutting shards by size). A document with nothing left gets drop_reason `empty_document`."""
+    texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
+    data, shas = _lists(batch["image"]), _lists(batch["image_sha256"])
+    n = len(texts)
+    urls, sets = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    n_img, n_par, size = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int64)
+    drop = batch["drop_reason"].copy()
+    for d in range(n):
+        imgs, paras = _kept(images[d], reasons[d], data[d])
+        urls[d] = list(dict.fromkeys(images[d][i] for i in imgs))
+        sets[d] = hashlib.sha256("\n".join(sorted({shas[d][i] for i in imgs})).encode()).hexdigest() if imgs else ""
+        n_img[d], n_par[d] = len(imgs), len(paras)
+        size[d] = sum(len(data[d][i]) for i in imgs) + sum(len(texts[d][i].encode("utf-8", "replace")) for i in paras)
+        if drop[d] == "" and not imgs and not paras:
+            drop[d] = "empty_document"
+    batch.update(image_urls=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size)
+    batch["drop_reason"] = drop
+    return batch
+
+
+def stages(cfg: Config, cpus: int) -> list[Stage]:
+    d, r = cfg.download, cfg.relevance
+    gpus = _gpus(r)
+    rel_cpus = ((1.0 if gpus else 0.5) * r.workers) if r.enabled else 0.0
+    dl_workers = d.workers or max(1, cpus - (r.workers if r.enabled else 0))
+    out = [
+        Stage(  # -> + image, image_* per position
+            DocumentImages,
+            (d, cfg.dedup.in_document),
+            "before",
+            batch_size=cfg.batch_size,
+            num_cpus=min(0.5, max(0.05, (cpus - 1 - rel_cpus) / dl_workers)),
+            actors=(dl_workers, dl_workers),
+        )
+    ]
+    if r.enabled:
+        rel = dataclasses.replace(r, pretrained=absolute(r.pretrained), model_config=absolute(r.model_config))
+        out.append(
+            Stage(  # -> + image_relevance, image_best_segment
+                Relevance,
+                rel,
+                "score",
+                batch_size=cfg.batch_size,
+                num_cpus=1.0 if gpus else 0.5,
+                num_gpus=gpus,
+                actors=(r.workers, r.workers),
+                provides=("image_relevance",),
+            )
+        )
+    out.append(Stage(finish_documents, None, "after", batch_size=cfg.batch_size, num_cpus=0.25))
+    return out
+
+
+def _gpus(c: ClipConfig) -> float | None:
+    from mm1data.pipelines.caption import _clip_gpus
+
+    return _clip_gpus(c)
+
+
+# ---- corpus-wide ---------------------------------------------------------------------------------------------
+
+
+def _doc_images_bounds(cfg: Config) -> tuple[float, float]:
+    """The chain's doc_images bounds (the rule the frequent-image removal must keep): (min, max)."""
+    chain = cfg.filters if isinstance(cfg.filters, (list, tuple)) else ()
+    for c in chain:
+        if isinstance(c, dict) and c.get("name") == "doc_images":
+            return float(c.get("min", 0)), float(c.get("max", np.inf))
+    return 0.0, np.inf
+
+
+def dedup(cfg: Config) -> list:
+    """Document URL (dup_url), then identical image sets (dup_image_set); then image URLs in more than
+    dedup.max_image_docs documents are removed everywhere (a document left under doc_images' min: doc_images)."""
+    steps: list = []
+    if cfg.dedup.url:
+        steps.append(ExactDedup("url", "dup_url"))
+    if cfg.dedup.image_set:
+        steps.append(ExactDedup("image_set", "dup_image_set"))
+    if cfg.dedup.max_image_docs:
+        lo, _ = _doc_images_bounds(cfg)
+        steps.append(FrequentValues("image_urls", cfg.dedup.max_image_docs, int(np.ceil(lo)), "doc_images"))
+    return steps
+
+
+def apply_removed(t: pa.Table) -> pa.Table:
+    """Decided rows: the images the frequent-image rule removed get seg_reason dup_image_url."""
+    if "removed_images" not in t.column_names:
+        return t
+    removed = t["removed_images"].to_pylist()
+    if not any(removed):
+        return t
+    images, reasons = t["images"].to_pylist(), t["seg_reason"].to_pylist()
+    for d, r in enumerate(removed):
+        if r:
+            gone = set(json.loads(r))
+            reasons[d] = [
+                "dup_image_url" if (not s and u is not None and u in gone) else s
+                for u, s in zip(images[d], reasons[d])
+            ]
+    return t.set_column(t.column_names.index("seg_reason"), "seg_reason", pa.array(reasons, pa.list_(pa.string())))
+
+
+# staged columns that are not document metadata: positions (in segments / image_info), payload, internals
+NOT_IN_JSON = {
+    "texts", "images", "alts", "seg_reason", "extra", "drop_reason", "src_file", "src_row", "key", "image_urls",
+    "image_set", "doc_bytes", "removed_images",
+}  # fmt: skip
+IMAGE_INFO = {  # per kept image in the sample json: name -> per-position column
+    "url": "images",
+    "alt": "alts",
+    "width": "image_width",
+    "height": "image_height",
+    "original_width": "image_orig_width",
+    "original_height": "image_orig_height",
+    "format": "image_format",
+    "sha256": "image_sha256",
+    "relevance": "image_relevance",
+}
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and v != v else v
+
+
+def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
+    """A staged document -> `KEY.json` (ordered segments, image_info, the document's scores) and `KEY.{i}.{ext}`
+    for its kept images in document order, and its text tokens."""
+    key = row["key"]
+    members: dict[str, bytes] = {}
+    segments: list[dict[str, Any]] = []
+    info = []
+    tokens = 0
+    for i, (text, url, reason) in enumerate(zip(row["texts"], row["images"], row["seg_reason"])):
+        if reason:
+            continue
+        if url is None:
+            segments.append({"text": text})
+            tokens += count_tokens(text)
+        elif row["image"][i] is not None:
+            n = len(info)
+            members[f"{key}.{n}.{row['image_ext'][i]}"] = row["image"][i]
+            segments.append({"image": n})
+            info.append({k: _clean(row[c][i]) if c in row else None for k, c in IMAGE_INFO.items()} | {"position": i})
+    meta = json.loads(row["extra"] or "{}")
+    meta.update(
+        (k, _clean(v)) for k, v in row.items() if k not in NOT_IN_JSON and not k.startswith("image") and _scalar(v)
+    )
+    meta.update(segments=segments, image_info=info, source=row["src_file"], row=row["src_row"], tokens=tokens)
+    members[f"{key}.json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+    return members, tokens
+
+
+def _scalar(v: Any) -> bool:
+    return not isinstance(v, (list, tuple, dict, bytes, np.ndarray))
+
+
+def funnel(t: pa.Table) -> dict[str, int]:
+    """Paragraphs and images in, fetched, kept (in kept documents), and the reasons positions were removed."""
+    out: dict[str, int] = {}
+    kept_doc = [r == "" for r in t["drop_reason"].to_pylist()]
+    images, reasons = t["images"].to_pylist(), t["seg_reason"].to_pylist()
+    shas = t["image_sha256"].to_pylist() if "image_sha256" in t.column_names else [[]] * t.num_rows
+    for keep, urls, seg, sha in zip(kept_doc, images, reasons, shas):
+        for i, (u, r) in enumerate(zip(urls or (), seg or ())):
+            what = "paragraphs" if u is None else "images"
+            out[f"{what}.in"] = out.get(f"{what}.in", 0) + 1
+            if u is not None and sha and sha[i]:
+                out["images.downloaded"] = out.get("images.downloaded", 0) + 1
+            if r:
+                out[f"{what}_dropped.{r}"] = out.get(f"{what}_dropped.{r}", 0) + 1
+            elif keep:
+                out[f"{what}.kept"] = out.get(f"{what}.kept", 0) + 1
+    return out
+
+
+# the score store's row per image: the document's key, the image's position, and its per-position columns
+ITEM_SKIP = {"texts", "seg_reason", "alts", "images", "image"}
+
+
+def image_rows(t: pa.Table) -> pa.Table:
+    """A meta part's documents -> a row per image position: key, position, image_index (its KEY.{i} in the shard,
+    -1 if not there), url, alt, kept, drop_reason (its own reason, or the document's), shard, and every
+    per-position column at that position (download status and error, sizes, sha256, format, relevance, filter
+    scores)."""
+    names = t.column_names
+    per_pos = [
+        c for c in names if c not in ITEM_SKIP and pa.types.is_list(t.schema.field(c).type) and c != "image_urls"
+    ]
+    cols: dict[str, list] = {
+        k: [] for k in ("key", "position", "image_index", "url", "alt", "kept", "drop_reason", "shard", *per_pos)
+    }
+    rows = t.select([c for c in ("key", "images", "alts", "seg_reason", "drop_reason", "shard", *per_pos)]).to_pylist()
+    for row in rows:
+        n = 0
+        alts = row.get("alts") or []
+        for i, u in enumerate(row["images"] or ()):
+            if u is None:
+                continue
+            own = row["seg_reason"][i]
+            kept = not own and row["drop_reason"] == ""
+            cols["key"].append(row["key"])
+            cols["position"].append(i)
+            cols["image_index"].append(n if kept else -1)
+            n += kept
+            cols["url"].append(u)
+            cols["alt"].append(alts[i] if i < len(alts) else None)
+            cols["kept"].append(kept)
+            cols["drop_reason"].append(own or row["drop_reason"])
+            cols["shard"].append(row["shard"])
+            for c in per_pos:
+                v = row[c]
+                cols[c].append(v[i] if v is not None and i < len(v) else None)
+    return pa.table(cols)
+
+
+STRINGS = pa.list_(pa.string())
+INTS = pa.list_(pa.int64())
+KIND = Kind(
+    name="interleaved",
+    config=Config,
+    columns={
+        "url": pa.string(),
+        "texts": STRINGS,
+        "images": STRINGS,
+        "alts": STRINGS,
+        "seg_reason": STRINGS,
+        "image": pa.list_(pa.binary()),
+        "image_ext": STRINGS,
+        "image_format": STRINGS,
+        "image_width": INTS,
+        "image_height": INTS,
+        "image_orig_width": INTS,
+        "image_orig_height": INTS,
+        "image_sha256": STRINGS,
+        "image_status": INTS,
+        "image_error": STRINGS,
+        "image_relevance": pa.list_(pa.float32()),
+        "image_best_segment": INTS,
+        "image_urls": STRINGS,
+        "image_set": pa.string(),
+    },
+    payload=("image",),
+    size_col="doc_bytes",
+    read=read_interleaved_unit,
+    stages=stages,
+    sample=build_sample,
+    dedup=dedup,
+    fingerprint=lambda cfg: {
+        "download": to_dict(cfg.download),
+        "relevance": to_dict(cfg.relevance),
+        "in_document": cfg.dedup.in_document,
+    },
+    batch_size=lambda cfg: cfg.batch_size,
+    read_cpus=0.5,
+    filter_cpus=0.5,
+    funnel=funnel,
+    enables={"image_relevance": "relevance.enabled: true"},
+    warnings=lambda cfg: (
+        [f"relevance.pretrained is null: {cfg.relevance.model} ran with random weights; image_relevance is noise"]
+        if cfg.relevance.enabled and cfg.relevance.pretrained is None
+        else []
+    ),
+    decided=apply_removed,
+    items=("images", image_rows),
+)
