@@ -30,13 +30,14 @@ import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from mm1data import storage
 from mm1data.config import ConfigError, check
+from mm1data.html import extract_page, image_url_reason, resolve_image_url
 from mm1data.schema import make_key
 from mm1data.stage import Batch
 
@@ -52,6 +53,8 @@ FORMATS = {
     ".warc.gz": "warc",
     ".wet": "warc",
     ".wet.gz": "warc",
+    ".html": "html",  # interleaved input only: a directory of web pages
+    ".htm": "html",
 }
 HEAD_BYTES = 64 << 10  # read at planning: the first record's columns, and whether a .json file is an array
 MAX_RECORD_BYTES = 64 << 20  # a longer line or record is a row with too_large, consumed without being held whole
@@ -104,6 +107,42 @@ class TextInputConfig:
 
 
 @dataclass(frozen=True)
+class InterleavedInputConfig:
+    path: str = ""  # file, directory or glob, local or s3:// (the --input flag sets it)
+    format: str = "auto"  # auto (by extension) | parquet | jsonl | jsonl.gz | warc | html
+    form: str = "auto"  # auto (by the columns present) | obelics (texts + images) | mmc4 (text_list + image_info)
+    texts_col: str = "texts"  # OBELICS: list of str | null
+    images_col: str = "images"  # OBELICS: list of url | null, the same length
+    url_col: str = "url"  # the document's URL (optional column)
+    text_list_col: str = "text_list"  # MMC4: list of sentences
+    image_info_col: str = "image_info"  # MMC4: list of {raw_url, matched_text_index, ...}
+    extra_cols: tuple[str, ...] | None = None  # kept in the sample json; None = every other column
+    rows_per_unit: int = 2000  # parquet rows per work unit (whole row groups; a Ray read task)
+    bytes_per_unit: int = 32 << 20  # plain jsonl bytes per work unit (gzip and WARC files are one unit each)
+    files_per_unit: int = 256  # HTML files per work unit
+    max_bytes: int = 10_000_000  # a longer document (record, or HTML body) is dropped as too_large, never held whole
+    max_images: int = 256  # a document with more images is dropped as too_many_images (none of them downloaded)
+
+    def __post_init__(self) -> None:
+        for name in ("rows_per_unit", "bytes_per_unit", "files_per_unit", "max_bytes", "max_images"):
+            check(self, name, ge=1)
+        check(self, "format", choices=("auto", "parquet", "jsonl", "jsonl.gz", "warc", "html"))
+        check(self, "form", choices=("auto", "obelics", "mmc4"))
+
+    def required_cols(self) -> tuple[str, ...]:
+        return ()  # either form's columns: see form_of
+
+    def form_of(self, columns: Iterable[str]) -> str | None:
+        """The form of a record (or file) with these columns, or None when it has neither form's columns."""
+        cols = set(columns)
+        obelics = self.texts_col in cols and self.images_col in cols
+        mmc4 = self.text_list_col in cols and self.image_info_col in cols
+        if self.form == "obelics" or (self.form == "auto" and obelics):
+            return "obelics" if obelics else None
+        return "mmc4" if mmc4 else None
+
+
+@dataclass(frozen=True)
 class Unit:
     """A deterministic slice of one input file: parquet rows [start, stop), jsonl bytes [start, stop), or (stop 0)
     the whole file. `size` is the file's size at planning: a file that changes during the run is an error."""
@@ -115,6 +154,7 @@ class Unit:
     stop: int = 0
     size: int = 0
     row_groups: tuple[int, ...] = ()  # parquet
+    files: tuple[str, ...] = ()  # html: the unit's files (uri is then the input root; start/stop their positions)
 
     @property
     def id(self) -> str:
@@ -132,7 +172,10 @@ def detect_format(uri: str, fmt: str) -> str | None:
     return None
 
 
-def list_inputs(cfg: InputConfig | TextInputConfig) -> list[tuple[str, str, str, int]]:
+AnyInputConfig = InputConfig | TextInputConfig | InterleavedInputConfig
+
+
+def list_inputs(cfg: AnyInputConfig) -> list[tuple[str, str, str, int]]:
     """-> [(uri, source, fmt, size)] sorted; fails fast with a message naming the location."""
     if not cfg.path:
         raise ConfigError("no input: pass --input URI (or set input.path)")
@@ -140,36 +183,59 @@ def list_inputs(cfg: InputConfig | TextInputConfig) -> list[tuple[str, str, str,
         files = storage.list_sizes(cfg.path)
     except Exception as e:
         raise ConfigError(f"cannot read input location {cfg.path!r}: {e}") from e
-    root = cfg.path
-    if any(c in root for c in "*?["):
-        root = root[: min(root.index(c) for c in "*?[" if c in root)]
-        root = root.rsplit("/", 1)[0]
-    elif len(files) == 1 and files[0][0] == cfg.path:
-        root = cfg.path.rsplit("/", 1)[0] if "/" in cfg.path else ""
+    root = input_root(cfg.path, files)
     out = []
     for f, size in files:
         fmt = detect_format(f, cfg.format)
         if fmt is None or os.path.basename(f).startswith((".", "_")):
             continue  # _SUCCESS, .crc and other non-data files in a dataset directory
-        source = f[len(root) :].lstrip("/") if root and f.startswith(root) else os.path.basename(f)
-        out.append((f, source, fmt, size))
+        if fmt == "html" and not isinstance(cfg, InterleavedInputConfig):
+            continue  # web pages are documents of the interleaved kind only
+        out.append((f, _source(f, root), fmt, size))
     if not out:
-        raise ConfigError(f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv, warc[.gz], wet[.gz])")
+        raise ConfigError(
+            f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv, warc[.gz], wet[.gz], html)"
+        )
     return out
+
+
+def input_root(path: str, files: list[tuple[str, int]]) -> str:
+    """The folder that sources (the key namespaces) are relative to."""
+    root = path
+    if any(c in root for c in "*?["):
+        root = root[: min(root.index(c) for c in "*?[" if c in root)]
+        root = root.rsplit("/", 1)[0]
+    elif len(files) == 1 and files[0][0] == path:
+        root = path.rsplit("/", 1)[0] if "/" in path else ""
+    return root
+
+
+def _source(uri: str, root: str) -> str:
+    return uri[len(root) :].lstrip("/") if root and uri.startswith(root) else os.path.basename(uri)
 
 
 # ---- planning: metadata only ---------------------------------------------------------------------------------
 
 
-def plan_units(cfg: InputConfig | TextInputConfig) -> list[Unit]:
+def plan_units(cfg: AnyInputConfig) -> list[Unit]:
     """Cut every input file into units; checks that the required columns exist. Footers and heads are read in
-    parallel threads (a crawl has tens of thousands of files)."""
+    parallel threads (a crawl has tens of thousands of files). HTML files (interleaved input) are grouped
+    `files_per_unit` to a unit in listing order; their bytes are not read at planning."""
+    inputs = list_inputs(cfg)
+    pages = [f for f in inputs if f[2] == "html"]
     with ThreadPoolExecutor(16) as pool:
-        planned = list(pool.map(lambda f: _plan_file(*f, cfg), list_inputs(cfg)))
-    return [u for units in planned for u in units]
+        planned = list(pool.map(lambda f: _plan_file(*f, cfg), [f for f in inputs if f[2] != "html"]))
+    units = [u for units in planned for u in units]
+    if pages:
+        root = input_root(cfg.path, [(f[0], f[3]) for f in pages])
+        step = cfg.files_per_unit
+        for a in range(0, len(pages), step):
+            group = pages[a : a + step]
+            units.append(Unit(root, group[0][1], "html", a, a + len(group), files=tuple(f[0] for f in group)))
+    return units
 
 
-def _plan_file(uri: str, source: str, fmt: str, size: int, cfg: InputConfig | TextInputConfig) -> list[Unit]:
+def _plan_file(uri: str, source: str, fmt: str, size: int, cfg: AnyInputConfig) -> list[Unit]:
     try:
         return _plan(uri, source, fmt, size, cfg)
     except ConfigError:
@@ -178,12 +244,12 @@ def _plan_file(uri: str, source: str, fmt: str, size: int, cfg: InputConfig | Te
         raise ConfigError(f"cannot read input file {uri!r}: {type(e).__name__}: {e}") from e
 
 
-def _plan(uri: str, source: str, fmt: str, size: int, cfg: InputConfig | TextInputConfig) -> list[Unit]:
+def _plan(uri: str, source: str, fmt: str, size: int, cfg: AnyInputConfig) -> list[Unit]:
     if size == 0:
         return []
     if fmt == "warc":
-        if not isinstance(cfg, TextInputConfig):
-            raise ConfigError(f"{uri}: WARC input is for text documents")
+        if isinstance(cfg, InputConfig):
+            raise ConfigError(f"{uri}: WARC input is for text and interleaved documents")
         return [Unit(uri, source, fmt, size=size)]
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -228,7 +294,14 @@ def _head(uri: str, fmt: str) -> bytes:
 _DELIM = {"csv": ",", "tsv": "\t"}
 
 
-def _require(columns: list[str], cfg: InputConfig | TextInputConfig, uri: str) -> None:
+def _require(columns: list[str], cfg: AnyInputConfig, uri: str) -> None:
+    if isinstance(cfg, InterleavedInputConfig) and cfg.form_of(columns) is None:
+        raise ConfigError(
+            f"{uri} has neither OBELICS columns ({cfg.texts_col!r} + {cfg.images_col!r}) nor MMC4 columns "
+            f"({cfg.text_list_col!r} + {cfg.image_info_col!r}) for input.form {cfg.form!r} (columns: "
+            f"{', '.join(map(str, columns))[:500]}); set input.texts_col / input.images_col or input.text_list_col / "
+            "input.image_info_col"
+        )
     for col in cfg.required_cols():
         if col not in columns:
             names = " / ".join(f"input.{f.name}" for f in fields(cfg) if getattr(cfg, f.name) == col)
@@ -237,7 +310,7 @@ def _require(columns: list[str], cfg: InputConfig | TextInputConfig, uri: str) -
             )
 
 
-def _check_json_columns(line: bytes, cfg: InputConfig | TextInputConfig, uri: str) -> None:
+def _check_json_columns(line: bytes, cfg: AnyInputConfig, uri: str) -> None:
     """The first record names the columns; a file whose first record lacks a required one is a config error."""
     rec = _json_record(line)
     if isinstance(rec, dict):  # a malformed first line is a per-row problem (malformed_row), not a config error
@@ -247,15 +320,18 @@ def _check_json_columns(line: bytes, cfg: InputConfig | TextInputConfig, uri: st
 # ---- records -------------------------------------------------------------------------------------------------
 
 
-def _lines(f: io.BufferedIOBase, pos: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+def _lines(
+    f: io.BufferedIOBase, pos: int = 0, stop: int | None = None, limit: int | None = None
+) -> Iterator[tuple[int, bytes | None]]:
     """(offset, line) for every line of a binary stream that starts before `stop`; the line is None when it is over
-    MAX_RECORD_BYTES (then it is consumed in pieces, never held whole)."""
+    `limit` bytes (default MAX_RECORD_BYTES; then it is consumed in pieces, never held whole)."""
+    limit = limit or MAX_RECORD_BYTES
     while stop is None or pos < stop:
-        line = f.readline(MAX_RECORD_BYTES + 1)
+        line = f.readline(limit + 1)
         if not line:
             return
         n = len(line)
-        if n > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+        if n > limit and not line.endswith(b"\n"):
             line = None
             while piece := f.readline(1 << 20):
                 n += len(piece)
@@ -281,9 +357,12 @@ def _unchanged(unit: Unit) -> None:
         raise RuntimeError(f"{unit.uri} changed since the run was planned (size {unit.size}); keys would shift")
 
 
-def _records(unit: Unit, skip: Iterable[int] = (), html: bool = False, max_bytes: int = 0) -> Iterator[tuple]:
+def _records(
+    unit: Unit, skip: Iterable[int] = (), html: bool = False, max_bytes: int = 0, line_limit: int | None = None
+) -> Iterator[tuple]:
     """(src_row, record) for every record of the unit whose src_row is not in `skip`: record is a dict, None (a row
-    that cannot be parsed) or TOO_LARGE. WARC records are dicts with `text` (or `_reason`), `url` and `id`."""
+    that cannot be parsed) or TOO_LARGE (a line over `line_limit`). WARC records are dicts with `text` (or
+    `_reason`), `url` and `id`."""
     skip = set(skip)
     if unit.fmt == "parquet":
         yield from ((i, r) for i, r in _parquet_records(unit) if i not in skip)
@@ -302,7 +381,7 @@ def _records(unit: Unit, skip: Iterable[int] = (), html: bool = False, max_bytes
                         pos += len(piece)
                         if piece.endswith(b"\n"):
                             break
-            for off, line in _lines(f, pos, unit.stop):
+            for off, line in _lines(f, pos, unit.stop, line_limit):
                 if off in skip or (line is not None and not line.strip(BLANK)):
                     continue
                 yield off, TOO_LARGE if line is None else _json_record(line)
@@ -313,7 +392,7 @@ def _records(unit: Unit, skip: Iterable[int] = (), html: bool = False, max_bytes
         if unit.fmt == "json_array":
             yield from ((i, r) for i, r in _array_records(unit.uri, f) if i not in skip)
         elif unit.fmt == "jsonl.gz":
-            lines = (line for _, line in _lines(f) if line is None or line.strip(BLANK))  # records, in order
+            lines = (line for _, line in _lines(f, limit=line_limit) if line is None or line.strip(BLANK))  # in order
             for i, line in enumerate(lines):
                 if i not in skip:
                     yield i, TOO_LARGE if line is None else _json_record(line)
@@ -601,3 +680,228 @@ def read_text_unit(unit: Unit, cfg: TextInputConfig, skip: Iterable[int] = ()) -
         out["src_file"] = _obj([unit.source] * len(chunk))
         out["src_row"] = np.array([row for row, _ in chunk], dtype=np.int64)
         yield out
+
+
+# ---- interleaved documents ---------------------------------------------------------------------------------
+
+INTERLEAVED_BATCH = 256  # documents per batch (a document can hold max_bytes of text: batches stay small)
+INTERLEAVED_BATCH_BYTES = 64 << 20  # ... and a batch is cut once its documents hold this many bytes
+DOC_COLUMNS = ("key", "src_file", "src_row", "url", "texts", "images", "alts", "seg_reason", "extra", "drop_reason")
+
+
+class _BadSegments(ValueError):
+    """A document whose positions cannot be read (lists of different lengths, a position with both or neither
+    set, a value of the wrong type): the whole document is dropped as bad_segments."""
+
+
+def read_interleaved_unit(unit: Unit, cfg: InterleavedInputConfig, skip: Iterable[int] = ()) -> Iterator[Batch]:
+    """Batches of -> key, src_file, src_row, url, texts, images, alts, seg_reason, extra, drop_reason: a row per
+    document, its n positions in OBELICS form (texts[i] or images[i] set, the other None; alts[i] the alt text at
+    an image; seg_reason[i] "" or why the position is out; see the interleaved contract).
+
+    Image URLs are resolved against the document's URL (data: URLs kept verbatim); one that cannot be resolved
+    gets seg_reason image_relative_url, one of another scheme image_bad_url. Bad documents stay rows with a reason
+    and empty lists: malformed_row, too_large (over input.max_bytes; never held whole), bad_segments,
+    empty_document (no image and no visible text), too_many_images (over input.max_images), not_html (a WARC
+    response of another content type), truncated_warc (a WARC file cut or corrupt at this record; the records
+    before it are kept).
+    """
+    skip = set(skip)
+    if unit.fmt == "warc":
+        _unchanged(unit)
+        records: Iterator[tuple] = _warc_pages(unit.uri, cfg.max_bytes, skip)
+    elif unit.fmt == "html":
+        records = _html_pages(unit, cfg.max_bytes, skip)
+    else:
+        records = _records(unit, skip, line_limit=cfg.max_bytes)
+    cols: dict[str, list] = {k: [] for k in DOC_COLUMNS}
+    held = 0
+    for row, rec in records:
+        src = rec.source or unit.source if isinstance(rec, _WebPage) else unit.source
+        cols["key"].append(make_key(src, 0 if unit.fmt == "html" else row))  # a page's key: its file alone
+        cols["src_file"].append(src)
+        cols["src_row"].append(row)
+        url, texts, images, alts, extra, reason = _document(rec, cfg)
+        seg = [""] * len(texts)
+        if not reason:
+            n_images = 0
+            for i, u in enumerate(images):
+                if u is not None:
+                    seg[i] = image_url_reason(u)
+                    n_images += 1
+            if n_images > cfg.max_images:
+                reason = "too_many_images"
+            elif not n_images and all(t is None or _blank(t) for t in texts):
+                reason = "empty_document"
+        if reason:
+            texts, images, alts, seg = [], [], [], []
+        cols["url"].append(url)
+        cols["texts"].append(texts)
+        cols["images"].append(images)
+        cols["alts"].append(alts)
+        cols["seg_reason"].append(seg)
+        cols["extra"].append(json.dumps(extra, ensure_ascii=False))
+        cols["drop_reason"].append(reason)
+        held += sum(len(t) for t in texts if t) + sum(len(u) for u in images if u)
+        if len(cols["key"]) >= INTERLEAVED_BATCH or held >= INTERLEAVED_BATCH_BYTES:
+            yield _doc_batch(cols)
+            cols, held = {k: [] for k in DOC_COLUMNS}, 0
+    if cols["key"]:
+        yield _doc_batch(cols)
+
+
+def _doc_batch(cols: dict[str, list]) -> Batch:
+    out = {k: _obj(v) for k, v in cols.items()}
+    out["src_row"] = np.array(cols["src_row"], dtype=np.int64)
+    return out
+
+
+def _document(rec: Any, cfg: InterleavedInputConfig) -> tuple[str, list, list, list, dict, str]:
+    """A record -> (url, texts, images, alts, extra, drop_reason); image URLs resolved against the url."""
+    if rec is None or rec is TOO_LARGE:
+        return "", [], [], [], {}, "malformed_row" if rec is None else "too_large"
+    if isinstance(rec, _WebPage):  # already extracted (or its reason)
+        return rec.url, rec.texts, rec.images, rec.alts, rec.extra, rec.reason
+    url = _text(rec.get(cfg.url_col))[0].strip() if isinstance(rec.get(cfg.url_col), (str, bytes)) else ""
+    form = cfg.form_of(rec)
+    own = {cfg.url_col} | ({cfg.texts_col, cfg.images_col} if form == "obelics" else set())
+    own |= {cfg.text_list_col, cfg.image_info_col} if form == "mmc4" else set()
+    names = cfg.extra_cols if cfg.extra_cols is not None else [k for k in rec if k not in own]
+    extra = {k: _jsonable(rec.get(k)) for k in names if k not in own}
+    try:
+        if form is None:
+            raise _BadSegments
+        if _doc_bytes(rec, cfg, form) > cfg.max_bytes:
+            return url, [], [], [], extra, "too_large"
+        if form == "obelics":
+            texts, images = _obelics(rec.get(cfg.texts_col), rec.get(cfg.images_col))
+        else:
+            texts, images, info = _mmc4(rec.get(cfg.text_list_col), rec.get(cfg.image_info_col))
+            if cfg.extra_cols is None or cfg.image_info_col in cfg.extra_cols:
+                extra[cfg.image_info_col] = info
+    except _BadSegments:
+        return url, [], [], [], extra, "bad_segments"
+    images = [None if u is None else resolve_image_url(u, url) for u in images]
+    return url, texts, images, [None] * len(texts), extra, ""
+
+
+def _doc_bytes(rec: dict, cfg: InterleavedInputConfig, form: str) -> int:
+    """About the bytes of a document's text and URLs (a parquet row is read whole, so its cap is checked here;
+    a jsonl line over max_bytes never gets this far)."""
+    lists = (cfg.texts_col, cfg.images_col) if form == "obelics" else (cfg.text_list_col,)
+    n = sum(len(v) for c in lists if isinstance(rec.get(c), list) for v in rec[c] if isinstance(v, (str, bytes)))
+    if form == "mmc4" and isinstance(rec.get(cfg.image_info_col), list):
+        n += sum(len(str(e.get("raw_url", ""))) for e in rec[cfg.image_info_col] if isinstance(e, dict))
+    return n
+
+
+def _segment(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes)):
+        raise _BadSegments
+    return _text(value)[0]  # invalid UTF-8 becomes U+FFFD
+
+
+def _obelics(texts: Any, images: Any) -> tuple[list, list]:
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        raise _BadSegments
+    texts, images = [_segment(t) for t in texts], [_segment(u) for u in images]
+    if any((t is None) == (u is None) for t, u in zip(texts, images)):  # both or neither set
+        raise _BadSegments
+    return texts, images
+
+
+def _mmc4(text_list: Any, image_info: Any) -> tuple[list, list, list]:
+    """MMC4 -> OBELICS positions: each sentence, then the images matched to it (in image_info order). Returns the
+    image entries' other fields (matched_sim, image_name, ...) too, in the document's image order."""
+    if image_info is None:
+        image_info = []
+    if not isinstance(text_list, list) or not isinstance(image_info, list):
+        raise _BadSegments
+    sentences = [_segment(t) for t in text_list]
+    if any(t is None for t in sentences):
+        raise _BadSegments
+    matched: list[list[tuple[str, dict]]] = [[] for _ in sentences]
+    for e in image_info:
+        i = e.get("matched_text_index") if isinstance(e, dict) else None
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(sentences):
+            raise _BadSegments
+        raw = _segment(e.get("raw_url"))
+        if raw is None:
+            raise _BadSegments
+        matched[i].append((raw, {k: _jsonable(v) for k, v in e.items() if k not in ("raw_url", "matched_text_index")}))
+    texts: list[str | None] = []
+    images: list[str | None] = []
+    info: list[dict] = []
+    for sentence, imgs in zip(sentences, matched):
+        texts.append(sentence), images.append(None)
+        for raw, other in imgs:
+            texts.append(None), images.append(raw), info.append(other)
+    return texts, images, info
+
+
+@dataclass
+class _WebPage:
+    """A web page read from a WARC record or an HTML file: its extracted positions, or the reason it has none."""
+
+    url: str = ""
+    texts: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+    alts: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    reason: str = ""
+    source: str = ""  # the HTML file's source ("" for a WARC record: the unit's)
+
+
+def _page(body: bytes, url: str, encoding: str | None, max_bytes: int, **kw: Any) -> _WebPage:
+    if len(body) > max_bytes:
+        return _WebPage(url, reason="too_large", **kw)
+    p = extract_page(body, url, encoding)
+    return _WebPage(p.url, p.texts, p.images, p.alts, **kw)
+
+
+def _warc_pages(uri: str, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, _WebPage]]:
+    """(record number, page) for the response/resource records of a WARC file (warcio); the target URI is the page
+    URL. A body over max_bytes is not read whole (warcio skips the rest of the record). A file cut or corrupt at
+    a record ends with a row truncated_warc after the records read before it."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    i = -1
+    with storage.open_read(uri) as f:
+        records = iter(ArchiveIterator(f))
+        while True:
+            try:
+                rec = next(records)
+                if rec.rec_type not in ("response", "resource"):
+                    continue
+                i += 1
+                if i in skip:
+                    continue
+                url = (rec.rec_headers.get_header("WARC-Target-URI") or "").strip()
+                extra = {"warc_record_id": rec.rec_headers.get_header("WARC-Record-ID") or ""}
+                ctype = (rec.http_headers.get_header("Content-Type") if rec.http_headers else rec.content_type) or ""
+                if "html" not in ctype.lower():
+                    yield i, _WebPage(url, extra=extra, reason="not_html")
+                    continue
+                body = rec.content_stream().read(max_bytes + 1)
+                m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:\-]+)", ctype)
+            except StopIteration:
+                return
+            except Exception as e:  # warcio: a truncated gzip member, a cut header, a bad length
+                error = f"{type(e).__name__}: {e}"[:300]
+                yield i + 1, _WebPage(extra={"error": error}, reason="truncated_warc")
+                return
+            yield i, _page(body, url, m.group(1) if m else None, max_bytes, extra=extra)
+
+
+def _html_pages(unit: Unit, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, _WebPage]]:
+    """(position in the listing, page) for a unit's HTML files; the page URL is the page's canonical link or
+    absolute <base href>, else "" (a local file has no web URL: its relative image URLs cannot be resolved)."""
+    for i, f in enumerate(unit.files):
+        if unit.start + i in skip:
+            continue
+        source = _source(f, unit.uri)
+        with storage.open_read(f) as fh:
+            body = fh.read(max_bytes + 1)
+        yield unit.start + i, _page(body, "", None, max_bytes, source=source)
