@@ -603,7 +603,9 @@ class FrequentValues:
     def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
         values = t[self.column].to_pylist() if t.num_rows else []
         out = np.empty(len(values), dtype=object)
-        out[:] = [list(dict.fromkeys(v or ())) for v in values]  # a value counts once per row
+        # a value counts once per row; the values travel as one "\n"-joined string (URLs hold no newline), as a
+        # ragged list column would be pickled by Ray Data between the steps
+        out[:] = ["\n".join(dict.fromkeys(v or ())) for v in values]
         return {f"{prefix}values": out}
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
@@ -619,9 +621,9 @@ class FrequentValues:
 
 
 def _explode_values(b: dict[str, np.ndarray], col: str) -> dict[str, np.ndarray]:
-    """(pos, list of values) rows -> a row per value: pos, its row's count of values, the value and its hash."""
+    """(pos, "\n"-joined values) rows -> a row per value: pos, its row's count of values, the value and its hash."""
     pos = np.asarray(b["pos"], dtype=np.int64)
-    lists = [list(v) if v is not None else [] for v in b[col]]
+    lists = [v.split("\n") if v else [] for v in b[col]]
     counts = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
     values = np.empty(int(counts.sum()), dtype=object)
     values[:] = [v for vs in lists for v in vs]

@@ -106,7 +106,7 @@ def finalize(
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
     t2 = time.perf_counter()
-    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers)
+    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
@@ -393,17 +393,27 @@ def _record_uri(output: str, name: str) -> str:
 
 
 def write_shard(
-    output: str, name: str, ids: list[str], segments: list[tuple[int, int, int]], build: SampleBuilder
+    output: str,
+    name: str,
+    ids: list[str],
+    segments: list[tuple[int, int, int]],
+    build: SampleBuilder,
+    decided_cols: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Ray task: one shard from kept rows [(unit, first, stop)], in order. A shard committed earlier with the same
-    samples is kept as it is; otherwise it is written whole, then its record."""
+    samples is kept as it is; otherwise it is written whole, then its record. `decided_cols` are taken from the
+    decided rows, not from staging (the columns a kind's `decided` hook changes)."""
     rows = []  # (unit id, part, row in part), in order
     keys: list[str] = []
+    decided: dict[tuple[str, str, int], dict[str, Any]] = {}
     for u, lo, hi in segments:
-        t = _read_parquet(decided_uri(output, ids[u]), ["key", "drop_reason", *INTERNAL])
+        t = _read_parquet(decided_uri(output, ids[u]), ["key", "drop_reason", *INTERNAL, *decided_cols])
         t = t.filter(pc.equal(t["drop_reason"], "")).slice(lo, hi - lo)
         keys += t["key"].to_pylist()
-        rows += zip([ids[u]] * t.num_rows, t["_part"].to_pylist(), t["_row"].to_pylist())
+        here = list(zip([ids[u]] * t.num_rows, t["_part"].to_pylist(), t["_row"].to_pylist()))
+        rows += here
+        if decided_cols:
+            decided.update(zip(here, t.select(list(decided_cols)).to_pylist()))
     fingerprint = hashlib.sha256("\n".join(keys).encode()).hexdigest()
     rec_uri = _record_uri(output, name)
     if storage.exists(rec_uri):
@@ -421,7 +431,7 @@ def write_shard(
     tokens = 0
     try:
         for row in rows:
-            members, n_tokens = build(staged[row])
+            members, n_tokens = build({**staged[row], **decided[row]} if decided_cols else staged[row])
             writer.write(members, num_images=sum(1 for m in members if m.rsplit(".", 1)[-1] in IMAGE_EXTS))
             tokens += n_tokens
     except BaseException:
@@ -434,7 +444,7 @@ def write_shard(
 
 
 def _write_shards(
-    output: str, ids: list[str], jobs: list, build: SampleBuilder, workers: int
+    output: str, ids: list[str], jobs: list, build: SampleBuilder, workers: int, decided_cols: tuple[str, ...] = ()
 ) -> dict[str, dict[str, Any]]:
     """Runs write_shard for every job, at most `workers` at a time (0: one per cluster CPU); -> {name: record}."""
     import ray
@@ -451,7 +461,7 @@ def _write_shards(
             done, pending = ray.wait(pending, num_returns=1)
             for rec in ray.get(done):
                 records[rec["shard"]["path"]] = rec
-        pending.append(remote.remote(output, name, ids_ref, segments, build_ref))
+        pending.append(remote.remote(output, name, ids_ref, segments, build_ref, decided_cols))
     for rec in ray.get(pending):
         records[rec["shard"]["path"]] = rec
     return records

@@ -15,6 +15,7 @@ from conftest import jpeg
 from mm1data.demo import ImageServer, Route
 from mm1data.download import DownloadConfig
 from mm1data.pipelines.interleaved import (
+    KIND,
     DocumentImages,
     Relevance,
     RelevanceConfig,
@@ -24,6 +25,7 @@ from mm1data.pipelines.interleaved import (
     funnel,
     image_rows,
 )
+from mm1data.staging import COMMON_TYPES, batch_to_table
 
 
 def obj(values: list) -> np.ndarray:
@@ -145,7 +147,7 @@ def test_finish_documents_and_sample(site):
     assert out["images_kept"].tolist() == [1, 0] and out["paragraphs_kept"].tolist() == [3, 0]
     assert out["image_urls"][0] == [u("/a.jpg")] and out["image_set"][1] == ""
     assert out["doc_bytes"][0] == len(out["image"][0][1]) + len("intro") + len("middle") + len("end")
-    row = {k: (v[0] if not isinstance(v[0], np.ndarray) else v[0].tolist()) for k, v in out.items()}
+    row = batch_to_table(out, {**COMMON_TYPES, **KIND.columns}).to_pylist()[0]  # as the shard writer reads it
     members, tokens = build_sample(row)
     key = row["key"]
     assert sorted(members) == [f"{key}.0.jpg", f"{key}.json"]
@@ -196,11 +198,12 @@ def test_frequent_values_on_ray(ray_session):
     from mm1data.dedup import FrequentValues
 
     lists = [["logo", "a"], ["logo"], ["logo", "b", "b2"], ["c"], ["c", "d"], []]
-    ds = ray.data.from_items([{"pos": i, "_s0_values": v} for i, v in enumerate(lists)], override_num_blocks=3)
+    items = [{"pos": i, "_s0_values": "\n".join(v)} for i, v in enumerate(lists)]
+    ds = ray.data.from_items(items, override_num_blocks=3)
     step = FrequentValues("image_urls", max_rows=2, min_left=1, reason="doc_images")
     kept, marks = step.apply(ds, "_s0_", len(lists), keys=None)
     assert kept is None and step.added == {"removed_images": ""}
     got = sorted((int(m["pos"]), m["reason"], m["removed_images"]) for m in marks.take_all())
     assert got == [(0, "", '["logo"]'), (1, "doc_images", '["logo"]'), (2, "", '["logo"]')]
     cands = step.candidates(pa.table({"image_urls": [["x", "x", "y"], None]}), "_s0_")
-    assert cands["_s0_values"].tolist() == [["x", "y"], []]
+    assert cands["_s0_values"].tolist() == ["x\ny", ""]

@@ -25,7 +25,7 @@ from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
-from mm1data.stage import Batch
+from mm1data.stage import Batch, plain_lists
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class DocumentImages:
         for name, values in out.items():
             batch[name] = _obj(values)
         batch["seg_reason"] = _obj(reasons)
-        return batch
+        return plain_lists(batch)
 
 
 # ---- relevance -----------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class Relevance(ClipScorer):
                     reasons[d][i] = "relevance"
         batch["image_relevance"], batch["image_best_segment"] = _obj(relevance), _obj(best)
         batch["seg_reason"] = _obj(reasons)
-        return batch
+        return plain_lists(batch)
 
 
 # ---- after every filter --------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
             drop[d] = "empty_document"
     batch.update(image_urls=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size)
     batch["drop_reason"] = drop
-    return batch
+    return plain_lists(batch)
 
 
 def stages(cfg: Config, cpus: int) -> list[Stage]:
@@ -347,9 +347,7 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
             segments.append({"image": n})
             info.append({k: _clean(row[c][i]) if c in row else None for k, c in IMAGE_INFO.items()} | {"position": i})
     meta = json.loads(row["extra"] or "{}")
-    meta.update(
-        (k, _clean(v)) for k, v in row.items() if k not in NOT_IN_JSON and not k.startswith("image") and _scalar(v)
-    )
+    meta.update((k, _clean(v)) for k, v in row.items() if k not in NOT_IN_JSON and _scalar(v))
     meta.update(segments=segments, image_info=info, source=row["src_file"], row=row["src_row"], tokens=tokens)
     members[f"{key}.json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
     return members, tokens
@@ -466,5 +464,6 @@ KIND = Kind(
         else []
     ),
     decided=apply_removed,
+    decided_columns=("seg_reason",),
     items=("images", image_rows),
 )

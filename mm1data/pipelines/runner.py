@@ -86,6 +86,7 @@ class Kind:
     # a unit's rows after the dedup marks are applied -> the same rows with the kind's own part of the marks applied
     # (e.g. images removed from their documents); None: nothing to do
     decided: Callable[[pa.Table], pa.Table] | None = None
+    decided_columns: tuple[str, ...] = ()  # the staged columns `decided` changes: shards take them from its rows
     # a meta part's rows -> the score store's item rows (e.g. one per image), written to meta_{items}/; None: none
     items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None
 
