@@ -1,0 +1,186 @@
+"""The interleaved pipeline end to end on Ray: OBELICS parquet and MMC4 jsonl with a local image server, the demo
+web site crawled to a WARC on S3; shards read back with webdataset, tarfile and MixtureDataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from conftest import jpeg
+
+from mm1data.demo import ImageServer, Route, crawl_to_warc, make_web_site
+from mm1data.loader import MixtureDataset
+from mm1data.manifest import load_manifest
+from mm1data.pipelines import run_pipeline
+from mm1data.schema import count_tokens, make_key
+
+TINY = [
+    "download.allow_private_hosts=true",
+    "download.image_size=128",
+    "relevance.model=mm1data-tiny-clip",
+    "relevance.pretrained=null",
+]
+
+
+def members_of(path: str) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+@pytest.mark.slow
+def test_obelics_end_to_end(ray_session, tmp_path):
+    """Every document's fate is planted: kept, an image 404 (removed, document kept), a logo in > 10 documents
+    (removed everywhere), a document whose only image is that logo (dropped by doc_images), an image twice in a
+    document, the same URL twice, the same image set twice, lists of different lengths, 1,000 images."""
+    with ImageServer() as srv:
+        for i in range(20):
+            srv.routes[f"/i{i}.jpg"] = Route(jpeg(320, 240, seed=i))
+        srv.routes["/logo.jpg"] = Route(jpeg(300, 300, seed=77))
+        u = srv.url
+        rows = []
+        for d in range(12):  # 12 documents with the logo: more than max_image_docs (10)
+            rows.append(
+                {
+                    "url": f"https://site.example/{d}",
+                    "texts": [f"Paragraph one of document {d}.", None, f"Paragraph two of document {d}.", None],
+                    "images": [None, u(f"/i{d}.jpg"), None, u("/logo.jpg")],
+                    "lang": "en",
+                }
+            )
+        rows[1]["images"][3] = u("/missing.jpg")  # a 404: the image goes, the document stays
+        rows[2]["texts"] += [None]
+        rows[2]["images"] += [u("/i2.jpg")]  # the same image twice in a document: the first position stays
+        rows.append({"url": "https://site.example/logo-only", "texts": ["Only a logo here.", None],
+                     "images": [None, u("/logo.jpg")]})  # fmt: skip
+        rows.append(dict(rows[0]))  # the same URL again: dup_url
+        rows.append({**rows[3], "url": "https://site.example/copy-of-3"})  # the same images: dup_image_set
+        rows.append({"url": "https://bad/1", "texts": ["a", None], "images": [None]})  # lengths differ
+        rows.append({"url": "https://bad/2", "texts": [None] * 1000, "images": [u(f"/x{i}.jpg") for i in range(1000)]})
+        inp = tmp_path / "docs.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), inp, row_group_size=5)
+        out = str(tmp_path / "out")
+        overrides = [*TINY, "relevance.min=-1", "filters=[{name: doc_images, min: 1, max: 30}]",
+                     "shards.samples_per_shard=4", "input.rows_per_unit=5"]  # fmt: skip
+        index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, overrides)
+        assert srv.routes["/logo.jpg"].hits == 3  # once per download batch holding it, never per document
+
+    meta = {m["src_row"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
+    reasons = {r: m["drop_reason"] for r, m in meta.items()}
+    assert reasons == {**{r: "" for r in range(12)}, 12: "doc_images", 13: "dup_url", 14: "dup_image_set",
+                       15: "bad_segments", 16: "too_many_images"}  # fmt: skip
+    assert meta[1]["seg_reason"] == ["", "", "", "http_404"]
+    assert meta[0]["seg_reason"] == ["", "", "", "dup_image_url"]
+    assert meta[2]["seg_reason"] == ["", "", "", "dup_image_url", "dup_image_in_doc"]
+    assert json.loads(meta[0]["removed_images"]) == [u("/logo.jpg")]
+
+    images = pq.read_table(os.path.join(out, "meta_images")).to_pylist()
+    doc0 = [
+        (r["position"], r["image_index"], r["kept"], r["drop_reason"]) for r in images if r["key"] == meta[0]["key"]
+    ]
+    assert doc0 == [(1, 0, True, ""), (3, -1, False, "dup_image_url")]
+    assert {r["drop_reason"] for r in images if r["key"] == meta[13]["key"]} == {"dup_url"}
+    assert sum(r["kept"] for r in images) == 12 == index["totals"]["images"]
+    assert index["funnel"]["images"]["kept"] == 12 and index["funnel"]["images_dropped"]["http_404"] == 1
+    assert index["funnel"]["paragraphs"]["kept"] == 24 and index["totals"]["samples"] == 12
+
+    paths = [os.path.join(out, s["path"]) for s in index["shards"]]
+    samples = list(wds.WebDataset(paths, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [make_key("docs.parquet", r) for r in range(12)]  # input order
+    for r, s in enumerate(samples):
+        doc = json.loads(s["json"])
+        assert doc["segments"] == [{"text": f"Paragraph one of document {r}."}, {"image": 0},
+                                   {"text": f"Paragraph two of document {r}."}]  # fmt: skip
+        assert sorted(k for k in s if not k.startswith("__")) == ["0.jpg", "json"]
+        assert doc["image_info"][0]["position"] == 1 and doc["url"] == f"https://site.example/{r}"
+        assert doc["lang"] == "en" and doc["tokens"] == sum(count_tokens(x["text"]) for x in doc["segments"][::2])
+    for p in paths:  # plain tarfile: every {"image": i} names a member KEY.i.jpg
+        for m in members_of(p).values():
+            n = sum(1 for seg in json.loads(m["json"])["segments"] if "image" in seg)
+            assert sorted(e for e in m if e != "json") == [f"{i}.jpg" for i in range(n)]
+    assert index["totals"]["tokens"] == sum(json.loads(s["json"])["tokens"] for s in samples)
+
+    # the loader yields the documents with their images in segment order
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"sources:\n  - {{name: web, index: {out}/index.json, weight: 1}}\n")
+    items = [it for _, it in zip(range(12), MixtureDataset(load_manifest(str(manifest)), seed=0, shuffle=False))]
+    assert {it["kind"] for it in items} == {"interleaved"} and all(len(it["images"]) == 1 for it in items)
+    assert items[0]["text"][1] == {"image": 0} and items[0]["images"][0].size == (128, 96)
+
+    # the same command again changes nothing
+    assert run_pipeline("pipelines/interleaved.yaml", str(inp), out, overrides)["shards"] == index["shards"]
+
+
+@pytest.mark.slow
+def test_mmc4_and_obelics_preset(ray_session, tmp_path):
+    """MMC4 form through the OBELICS preset: images placed after their matched sentence, a small image and a logo
+    URL removed by the image rules, a short paragraph removed by the paragraph rules."""
+    text = (
+        "The old river carried the heavy boats past the quiet village and the people watched them from the "
+        "bridge while the children counted every boat that went by in the warm evening light of summer."
+    )
+    with ImageServer() as srv:
+        srv.routes["/big.jpg"] = Route(jpeg(400, 300, seed=1))
+        srv.routes["/small.jpg"] = Route(jpeg(100, 100, seed=2))
+        srv.routes["/site-logo.jpg"] = Route(jpeg(300, 300, seed=3))
+        doc = {
+            "url": "https://mmc4.example/a",
+            "text_list": [text, "Too short.", text.replace("river", "canal")],
+            "image_info": [
+                {"raw_url": srv.url("/big.jpg"), "matched_text_index": 2, "matched_sim": 0.3},
+                {"raw_url": srv.url("/small.jpg"), "matched_text_index": 0},
+                {"raw_url": srv.url("/site-logo.jpg"), "matched_text_index": 0},
+            ],
+        }
+        inp = tmp_path / "docs.jsonl"
+        inp.write_text(json.dumps(doc) + "\n")
+        out = str(tmp_path / "out")
+        index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, [*TINY, "relevance.min=-1"])
+    (m,) = pq.read_table(os.path.join(out, "meta")).to_pylist()
+    assert m["drop_reason"] == "", m
+    assert [t is not None for t in m["texts"]] == [True, False, False, True, True, False]
+    assert m["seg_reason"][1] == "img_min_side" and m["seg_reason"][2] == "img_url_words"
+    assert m["seg_reason"][3].startswith("para_")
+    (sample,) = members_of(os.path.join(out, index["shards"][0]["path"])).values()
+    assert json.loads(sample["json"])["segments"] == [{"text": text}, {"text": text.replace("river", "canal")},
+                                                       {"image": 0}]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_web_site_warc_on_s3(ray_session, tmp_path):
+    """The demo's web site crawled to a WARC on S3, output on S3: boilerplate gone, lazy, srcset and relative images
+    fetched, the logo and advert on every page removed, the mirrored page dropped as the same image set."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="web")
+    with ImageServer() as srv:
+        pages = make_web_site(srv, 14, seed=5)
+        warc = tmp_path / "crawl.warc.gz"
+        crawl_to_warc(pages, str(warc))
+        s3.upload_file(str(warc), "web", "crawl/crawl.warc.gz")
+        index = run_pipeline("pipelines/interleaved.yaml", "s3://web/crawl/", "s3://web/out",
+                             [*TINY, "relevance.min=-1"])  # fmt: skip
+    body = s3.get_object(Bucket="web", Key=f"out/{index['shards'][0]['path']}")["Body"].read()
+    docs = [json.loads(v) for k, v in members_of_bytes(body).items() if k.endswith(".json")]
+    assert index["funnel"]["dropped"].get("dup_image_set") == 1  # the mirror of page 0
+    assert len(docs) == index["totals"]["samples"] >= 10
+    for doc in docs:
+        text = " ".join(s["text"] for s in doc["segments"] if "text" in s)
+        assert "cookie" not in text.lower() and "Copyright" not in text and "Privacy policy" not in text
+        urls = [i["url"] for i in doc["image_info"]]
+        assert not any("logo" in x or "banner-ad" in x or "data:" in x or "-small" in x for x in urls), urls
+        assert all("/img/" in x for x in urls) and doc["segments"][0].get("text")
+
+
+def members_of_bytes(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
