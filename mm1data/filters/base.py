@@ -28,6 +28,7 @@ class Filter:
     name: ClassVar[str]
     params: ClassVar[dict[str, Any]] = {}  # accepted extra keys and their defaults
     needs: ClassVar[tuple[str, ...]] = ()  # columns that a scorer must have added first (e.g. clip_score)
+    late: ClassVar[bool] = False  # applied after every scorer stage (interleaved doc_images: scorers remove images)
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.min, self.max = cfg.min, cfg.max

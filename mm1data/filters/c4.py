@@ -259,10 +259,11 @@ class C4BadWordsFilter(_KeptLinesFilter):
         return found
 
 
-def load_words(uri: str | None = None) -> list[str]:
-    """A word list: one entry per line (a phrase may have spaces), '#' starts a comment line; local path or s3://."""
+def load_words(uri: str | None = None, default: str = "ldnoobw_en.txt") -> list[str]:
+    """A word list: one entry per line (a phrase may have spaces), '#' starts a comment line; local path or s3://.
+    Without uri, the packaged list `default` (in mm1data/filters/data/)."""
     if uri is None:
-        raw = resources.files("mm1data.filters").joinpath("data/ldnoobw_en.txt").read_bytes()
+        raw = resources.files("mm1data.filters").joinpath("data", default).read_bytes()
     else:
         raw = storage.read_bytes(uri)
     lines = (line.strip().lower() for line in raw.decode("utf-8").splitlines())

@@ -1,0 +1,570 @@
+"""Filters of interleaved image-text documents (OBELICS, Laurençon et al. 2023) at three levels.
+
+A document is n positions, each a paragraph (texts[i]) or an image (images[i]); seg_reason[i] == "" while position i
+is kept. Filters only annotate, all positions of a batch at once:
+- image filters (img_*) score every kept image position of every kept document; batch[name] is a list of n floats per
+  document (NaN where not scored), and a failing position gets seg_reason[i] = name;
+- paragraph filters (para_*) do the same over kept text positions;
+- document filters (doc_*) score each kept document's kept paragraphs joined with "\\n\\n" (and doc_images its kept
+  images); a failing document gets drop_reason = name.
+Documents already dropped are not scored (lists of NaN / NaN), nor are positions removed by an earlier filter, and NaN
+passes every threshold.
+
+Measures are OBELICS' (obelics/processors/web_document_filtering.py, huggingface/OBELICS 0fca7ba), computed with
+numpy over the whole batch (each measure once per batch, shared by the filters that read it). Where this differs:
+- words: OBELICS splits at " ", "\\n", "\\t" after mapping its list of unicode spaces to " "; here at every whitespace
+  character (\\s: also "\\r", "\\f", "\\v", "\\x1c"-"\\x1f", "\\x85"), so "a\\rb" is two words (one in OBELICS);
+- OBELICS' special characters include the `emoji` package's emoji (emoji < 2, UNICODE_EMOJI["en"]); here the code
+  points with Unicode's Emoji property (the `regex` module's \\p{Emoji}); only single code points ever matched there;
+- character 10-grams are compared by a 64-bit hash of the code points (a collision inside one document would merge
+  two 10-grams; odds ~ grams^2 / 2^64);
+- OBELICS splits a text node at "\\n\\n" into paragraphs and filters those; here a text position is the paragraph;
+- a paragraph (or document) with no words scores 0 on the word shares, as OBELICS; a share is never NaN.
+The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 stop words): OBELICS' thresholds
+(stop-word share >= 0.3 with its 301 stop words, ...) only mean what they meant with its word definition.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import string
+import weakref
+from collections import defaultdict
+from functools import cache, cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from mm1data.filters.base import Filter, FilterConfig
+from mm1data.filters.c4 import load_words
+from mm1data.filters.gopher import as_text
+from mm1data.registry import register_filter
+from mm1data.stage import Batch
+
+# OBELICS' standardize_whitespace: these become " " before any text measure
+OBELICS_SPACES = " \u2009\u200a\u202f\u2005\u3000\u2002 \u2008\u2003\ufffc\x84\xa0"
+_SPACES = str.maketrans(dict.fromkeys(OBELICS_SPACES, " "))
+# OBELICS' SPECIAL_CHARACTERS (obelics/utils/filtering_utils.py): ASCII punctuation, digits, whitespace, these, emoji
+OBELICS_OTHER_SPECIAL = (
+    "\x92\u2009\x93\x97\u200a\x9d\x99\u202f\x96\u2005\x95\x91\x9c\u3000\u2002 \u2008\x98\x81\u2003\x82\ufffc\x83\x84"
+    "\u2019\u201c\u201d\u2013\u30fc\u4e00\u25ac\u2026\u2726\ufffd\xad\xa3\u200b\u2022\u20ac\xab\xbb\xb0\xb7\u2550\xd7"
+    "\u58eb\uff3e\u02d8\u21d3\u2193\u2191\u2190\u2192\uff08\uff09\xa7\u2033\u2032\xb4\xbf\u2212\xb1\u2208\ufeff\xa2"
+    "\xf8\u201a\u201e\xbd\xbc\xbe\xb9\xb2\xb3\u2015\u2043\uff0c\u02cc\xb8\u2039\u203a\u02ba\u02c8\u02bb\xa6\u2010"
+    "\u2800\u2030\x85\u2011\u2264\u2265\u2016\u25c6\u25cf\u25a0\u25ba\u25bc\u25b2\u25b4\u2206\u25bb\xa1\u2605\u2606"
+    "\u2731\u02d0\xba\u3002\xaf\u02dc\xa5\u026a\u2248\u2020\u4e0a\u30f3\uff1a\u223c\u2044\u30fb\u2661\u2713\u2295"
+    "\u2024\uff0e\u22c5\xf7\uff11\u201f\uff1b\u060c\u3001\xa8\u093e\u09be\u0940\u094d\u0947\u25e6\u02da\u309c\u02bc"
+    "\u2256\xa4\u30c3\u30c4\u30b7\u2103\u221a\uff01\u3010\u3011\u203f\u221e\u27a4\uff5e\u03c0\u0647\u06e9\u261b\u20a8"
+    "\u27a9\u263b\u0e51\u066a\u2665\u0131\u097d\u300a\u2018\xa9\ufd3f\u066c\uff1f\u25b7\u0413\u266b\u221f\u2122\xaa"
+    "\u20aa\xae\u300c\u2014\u2756\u300d\ufd3e\u300b"
+)
+PUNCTUATION = ",;:?!."  # OBELICS' PUNCTUATION
+URL_WORDS = ("logo", "button", "icon", "plugin", "widget")  # OBELICS paper; its code adds porn, xxx, sex
+IMAGE_FORMATS = ("jpg", "jpeg", "png", "webp")
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multipliers of the character n-gram hash
+_ROW_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+@cache
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, re.Pattern[str]]:
+    """Per code point: OBELICS special character?, [\\w'] (a punctuation-split word character)?, punctuation?; and
+    the pattern of one OBELICS word (a whitespace-separated run with special characters stripped from both ends)."""
+    import regex  # Unicode properties (\p{Emoji}); a dependency of open_clip_torch as well
+
+    everything = "".join(map(chr, range(0x110000)))
+    special = np.zeros(0x110000, dtype=bool)
+    for c in string.punctuation + string.digits + string.whitespace + OBELICS_OTHER_SPECIAL:
+        special[ord(c)] = True
+    special[[m.start() for m in regex.finditer(r"\p{Emoji}", everything)]] = True
+    wordchar = np.zeros(0x110000, dtype=bool)
+    wordchar[[m.start() for m in re.finditer(r"[\w']", everything)]] = True
+    punct = np.zeros(0x110000, dtype=bool)
+    punct[[ord(c) for c in PUNCTUATION]] = True
+    # special characters but whitespace, as a class of code point ranges
+    strip = special.copy()
+    strip[[m.start() for m in re.finditer(r"\s", everything)]] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], strip.view(np.int8), [0]])))
+    cls = "".join(
+        re.escape(chr(a)) if b - a == 1 else f"{re.escape(chr(a))}-{re.escape(chr(b - 1))}"
+        for a, b in zip(edges[::2], edges[1::2])
+    )
+    # anchored at the start of a whitespace-separated run (no quadratic retries inside a run of specials); the
+    # group is the run without its leading and trailing special characters, nothing for a run of specials only
+    word = re.compile(rf"(?<!\S)[{cls}]*+([^\s{cls}](?:\S*[^\s{cls}])?)")
+    return special, wordchar, punct, word
+
+
+def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(code points of all texts end to end, row of each code point, characters per row)."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return codes, np.repeat(np.arange(len(texts)), lengths), lengths
+
+
+def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (OBELICS returns 0 for a text without words or n-grams)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(num.shape), where=den != 0)
+
+
+class ObelicsText:
+    """OBELICS' text measures of a list of texts (paragraphs or documents), each computed once, on first use."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = [t.translate(_SPACES) for t in texts]
+        self.n = len(texts)
+
+    def _per_row(self, row: np.ndarray, weights: Any = None) -> np.ndarray:
+        return np.bincount(row, weights=weights, minlength=self.n).astype(np.float64)
+
+    @cached_property
+    def _chars(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _codes(self.texts)
+
+    @cached_property
+    def _words(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(vocabulary, word ids, row of each word): OBELICS' get_words_from_text (lowercase, special characters
+        stripped from both ends of each whitespace-separated run, empty runs dropped)."""
+        word = _tables()[3]
+        per_text = [word.findall(t.lower()) for t in self.texts]
+        ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=self.n)
+        tok = np.fromiter(map(ids.__getitem__, itertools.chain.from_iterable(per_text)), dtype=np.int64)
+        return list(ids), tok, np.repeat(np.arange(self.n), counts)
+
+    @cached_property
+    def words(self) -> np.ndarray:
+        return self._per_row(self._words[2])
+
+    def word_share(self, words: frozenset[str]) -> np.ndarray:
+        """Share of the words that are in `words` (compute_stopword_ratio, _flagged_word_ratio, spam_word_ratio)."""
+        vocab, tok, row = self._words
+        hit = np.fromiter((w in words for w in vocab), dtype=bool, count=len(vocab))[tok]
+        return _share(self._per_row(row, hit), self.words)
+
+    def word_repetition(self, n: int) -> np.ndarray:
+        """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all
+        word n-grams of the text. n-gram ids are exact: the dense id of (previous (n-1)-gram id, next word)."""
+        vocab, tok, row = self._words
+        v = max(len(vocab), 1)
+        ids = pd.factorize(row.astype(np.int64) * v + tok)[0]
+        for j in range(1, n):
+            ids = pd.factorize(ids[:-1].astype(np.int64) * v + tok[j:])[0]
+        ends = np.cumsum(self.words).astype(np.int64)
+        starts = np.arange(len(ids))
+        valid = starts + n <= ends[row[: len(ids)]]  # the n-gram stays in its text
+        ids, grams = ids[valid], row[: len(valid)][valid]
+        repeated = np.bincount(ids)[ids] > 1
+        return _share(self._per_row(grams, repeated), self._per_row(grams))
+
+    def char_repetition(self, n: int) -> np.ndarray:
+        """compute_character_repetition_ratio: over the text's character n-grams, counted once each, the counts of
+        the floor(sqrt(distinct)) most frequent ones (fewer if fewer repeat) over all n-grams."""
+        codes, row, lengths = self._chars
+        m = len(codes) - n + 1
+        if m <= 0:
+            return np.zeros(self.n)
+        h = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                h = h * _HASH_MUL + codes[j : j + m].astype(np.uint64)
+            valid = np.arange(m) + n <= np.cumsum(lengths)[row[:m]]
+            grow = row[:m][valid]
+            ids, uniques = pd.factorize(h[valid] + grow.astype(np.uint64) * _ROW_MUL)
+        count = np.bincount(ids)
+        first = np.full(len(uniques), len(ids))
+        np.minimum.at(first, ids, np.arange(len(ids)))
+        id_row = grow[first]
+        distinct = np.bincount(id_row, minlength=self.n)
+        ones = np.bincount(id_row, weights=count == 1, minlength=self.n).astype(np.int64)
+        top = np.minimum(np.floor(np.sqrt(distinct)).astype(np.int64), distinct - ones)
+        order = np.lexsort((-count, id_row))  # by row, most frequent first
+        sorted_row = id_row[order]
+        rank = np.arange(len(order)) - (np.cumsum(distinct) - distinct)[sorted_row]
+        keep = rank < top[sorted_row]
+        return _share(self._per_row(sorted_row[keep], count[order][keep]), self._per_row(grow))
+
+    def special_share(self) -> np.ndarray:
+        """compute_special_character_ratio: OBELICS special characters over all characters."""
+        codes, row, lengths = self._chars
+        return _share(self._per_row(row, _tables()[0][codes]), lengths)
+
+    def punctuation_share(self, min_tokens: int) -> np.ndarray:
+        """compute_punctuation_ratio: the text split into [\\w']+ runs and single , ; : ? ! . marks; the share of
+        marks, 1 when there are fewer than min_tokens (when min_tokens > 0), 0 without any."""
+        codes, row, _ = self._chars
+        _, wordchar, punct = _tables()[:3]
+        w = wordchar[codes]
+        starts = w.copy()
+        starts[1:] &= ~w[:-1] | (row[1:] != row[:-1])
+        marks = self._per_row(row, punct[codes])
+        tokens = self._per_row(row, starts) + marks
+        out = _share(marks, tokens)
+        if min_tokens > 0:
+            out[(tokens > 0) & (tokens < min_tokens)] = 1.0
+        return out
+
+    def lang(self, rows: np.ndarray, scorer: Any, languages: set[str]) -> np.ndarray:
+        """compute_lang_id_pred_score: fasttext's top-1 probability on the lowercased text if the top-1 language is
+        allowed, else 0 (OBELICS fails a text whose top-1 is not English or scores under the cutoff)."""
+        labels, probs = scorer.predict([self.texts[i].lower() for i in rows], k=1)
+        return np.array([p[0] if lab and lab[0] in languages else 0.0 for lab, p in zip(labels, probs)])
+
+
+# ---- positions: a batch's kept positions, flattened ----
+
+
+class Positions:
+    """The positions of a batch's kept documents end to end, and which of them a position filter scores: those with
+    a value in `column` (not None) and seg_reason "" (not removed yet)."""
+
+    def __init__(self, batch: Batch, column: str) -> None:
+        self.rows = len(batch["drop_reason"])
+        self.alive = np.flatnonzero(batch["drop_reason"] == "")
+        values, seg = batch[column], batch["seg_reason"]
+        self.lengths = np.fromiter((len(values[d]) for d in self.alive), dtype=np.int64, count=len(self.alive))
+        total = int(self.lengths.sum())
+        flat_values = itertools.chain.from_iterable(values[d] for d in self.alive)
+        present = np.fromiter((v is not None for v in flat_values), dtype=bool, count=total)
+        kept = np.fromiter((s == "" for s in itertools.chain.from_iterable(seg[d] for d in self.alive)), bool, total)
+        self.flat = np.flatnonzero(present & kept)  # the scored positions, in the flattened layout
+        self.doc = np.repeat(self.alive, self.lengths)[self.flat]  # the batch row of each
+        self.at = self.flat - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)[self.flat]
+
+    def gather(self, batch: Batch, column: str) -> list[Any]:
+        """The values of `column` at the scored positions."""
+        col = batch[column]
+        return [col[d][i] for d, i in zip(self.doc.tolist(), self.at.tolist())]
+
+    def numbers(self, batch: Batch, column: str) -> np.ndarray:
+        return np.array(self.gather(batch, column), dtype=np.float64).reshape(-1)
+
+    def annotate(self, batch: Batch, name: str, scores: np.ndarray, lo: float, hi: float) -> Batch:
+        """batch[name] = per-document lists of scores (NaN where not scored); failing positions get seg_reason."""
+        full = np.full(int(self.lengths.sum()), np.nan)
+        full[self.flat] = scores
+        out = np.empty(self.rows, dtype=object)
+        lengths = [len(s) for s in batch["seg_reason"]]
+        for d in range(self.rows):
+            out[d] = [float("nan")] * lengths[d]
+        for d, part in zip(self.alive, np.split(full, np.cumsum(self.lengths)[:-1])):
+            out[d] = part.tolist()
+        batch[name] = out
+        failed = (scores < lo) | (scores > hi)
+        if failed.any():
+            seg = np.empty(self.rows, dtype=object)
+            seg[:] = list(batch["seg_reason"])
+            for d in np.unique(self.doc[failed]).tolist():
+                seg[d] = list(seg[d])
+            for d, i in zip(self.doc[failed].tolist(), self.at[failed].tolist()):
+                seg[d][i] = name
+            batch["seg_reason"] = seg
+        return batch
+
+
+class ImageFilter(Filter):
+    """Scores each kept image position (images[i] not None, seg_reason[i] == "") of each kept document."""
+
+    def __call__(self, batch: Batch) -> Batch:
+        pos = Positions(batch, "images")
+        scores = np.asarray(self.score_images(batch, pos), dtype=np.float64).reshape(-1)
+        return pos.annotate(batch, self.name, scores, self.min, self.max)
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _sizes(batch: Batch, pos: Positions) -> tuple[np.ndarray, np.ndarray]:
+    """Original width and height of each scored image, NaN where not known yet (0)."""
+    w, h = pos.numbers(batch, "image_orig_width"), pos.numbers(batch, "image_orig_height")
+    missing = (w <= 0) | (h <= 0)
+    w[missing], h[missing] = np.nan, np.nan
+    return w, h
+
+
+@register_filter("img_format")
+class ImageFormatFilter(ImageFilter):
+    """1 if the image's original format is one of `formats` (OBELICS: jpg, jpeg, png, webp), else 0; NaN without a
+    format. Keep with min: 1."""
+
+    params = {"formats": list(IMAGE_FORMATS)}
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        allowed = {str(f).lower() for f in self.p["formats"]}
+        return np.array(
+            [np.nan if not f else float(str(f).lower() in allowed) for f in pos.gather(batch, "image_format")]
+        )
+
+
+@register_filter("img_min_side")
+class ImageMinSideFilter(ImageFilter):
+    """Shorter side of the original image in px (OBELICS: width and height >= 150)."""
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        return np.fmin(*_sizes(batch, pos))
+
+
+@register_filter("img_max_side")
+class ImageMaxSideFilter(ImageFilter):
+    """Longer side of the original image in px (OBELICS: width and height <= 20,000)."""
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        return np.fmax(*_sizes(batch, pos))
+
+
+@register_filter("img_aspect")
+class ImageAspectFilter(ImageFilter):
+    """Original width over height (OBELICS: 1/2 to 2)."""
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        w, h = _sizes(batch, pos)
+        return w / h
+
+
+@register_filter("img_url_words")
+class ImageUrlWordsFilter(ImageFilter):
+    """How many of `words` occur in the image URL, lowercased (OBELICS drops URLs containing any; keep with max: 0).
+    OBELICS matches the URL as written (a URL with "Logo" passes there)."""
+
+    params = {"words": list(URL_WORDS)}
+
+    def score_images(self, batch: Batch, pos: Positions) -> np.ndarray:
+        words = [str(w).lower() for w in self.p["words"]]
+        return np.array([sum(w in str(u).lower() for w in words) for u in pos.gather(batch, "images")], dtype=float)
+
+
+# ---- paragraphs and documents ----
+
+
+class _Cache:
+    """The ObelicsText of a batch's texts column, built once and shared by every filter of a chain; keyed by the
+    column array's identity (held weakly, as gopher.ColumnCache) and by what it was built from."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any, ObelicsText]] = {}
+
+    def get(self, column: Any, fits: Any, build: Any) -> tuple[Any, ObelicsText]:
+        """(what it was built from, the ObelicsText) for `column`: the stored entry if fits(stored), else build()."""
+        entry = self._entries.get(id(column))
+        if entry is not None and entry[0]() is column and fits(entry[1]):
+            return entry[1], entry[2]
+        stored, text = build()
+        try:
+            self._entries[id(column)] = (weakref.ref(column, self._forget), stored, text)
+        except TypeError:  # a plain list takes no weak reference: computed, not shared
+            pass
+        return stored, text
+
+    def _forget(self, ref: weakref.ref) -> None:
+        for k, (r, _, _) in list(self._entries.items()):
+            if r is ref:
+                del self._entries[k]
+
+
+_PARAGRAPHS = _Cache()
+_DOCUMENTS = _Cache()
+
+
+class ParagraphFilter(Filter):
+    """Scores each kept text position (texts[i] not None, seg_reason[i] == "") of each kept document.
+
+    Every text position of the kept documents is measured once per batch (shared by the chain's paragraph filters);
+    a filter reads the measures of the positions still kept.
+    """
+
+    def __call__(self, batch: Batch) -> Batch:
+        pos = Positions(batch, "texts")
+        offsets, text = self._measured(batch, pos)
+        rows = offsets[pos.doc] + pos.at
+        scores = np.asarray(self.measure(text, rows), dtype=np.float64).reshape(-1)
+        return pos.annotate(batch, self.name, scores, self.min, self.max)
+
+    @staticmethod
+    def _measured(batch: Batch, pos: Positions) -> tuple[np.ndarray, ObelicsText]:
+        texts = batch["texts"]
+
+        def build() -> tuple[np.ndarray, ObelicsText]:
+            offsets = np.full(pos.rows, -1, dtype=np.int64)
+            offsets[pos.alive] = np.cumsum(pos.lengths) - pos.lengths
+            flat = itertools.chain.from_iterable(texts[d] for d in pos.alive)
+            return offsets, ObelicsText([as_text(t) for t in flat])
+
+        def covers(offsets: np.ndarray) -> bool:  # every kept document measured (documents are only ever dropped)
+            return bool((offsets[pos.alive] >= 0).all())
+
+        return _PARAGRAPHS.get(texts, covers, build)
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        """Scores of text's rows `rows`."""
+        raise NotImplementedError
+
+
+class DocumentFilter(Filter):
+    """Scores each kept document's kept paragraphs joined with "\\n\\n" (OBELICS' full_text: empty ones skipped)."""
+
+    def score(self, batch: Batch) -> np.ndarray:
+        alive = np.flatnonzero(batch["drop_reason"] == "")
+        texts, seg = batch["texts"], batch["seg_reason"]
+        joined = [
+            "\n\n".join(as_text(t) for t, s in zip(texts[d], seg[d]) if t is not None and s == "" and as_text(t))
+            for d in alive
+        ]
+        _, text = _DOCUMENTS.get(texts, lambda stored: stored == joined, lambda: (joined, ObelicsText(joined)))
+        out = np.full(len(batch["drop_reason"]), np.nan)
+        out[alive] = self.measure(text, np.arange(len(alive)))
+        return out
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+# Each measure once, registered at both levels (para_X, doc_X) with the same definition.
+
+
+class _Words:
+    """Words: OBELICS' get_words_from_text (lowercase, whitespace-separated, special characters stripped from the
+    ends, empty ones dropped)."""
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.words[rows]
+
+
+class _CharRepetition:
+    """Character repetition ratio over character n-grams (OBELICS: n = 10): the counts of the floor(sqrt(distinct))
+    most frequent n-grams (only repeated ones) over all n-grams; 0 without n-grams."""
+
+    params: ClassVar[dict[str, Any]] = {"n": 10}
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.char_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
+
+
+class _WordRepetition:
+    """Word repetition ratio over word n-grams (OBELICS: n = 5): occurrences of n-grams seen more than once over
+    all n-grams; 0 without n-grams."""
+
+    params: ClassVar[dict[str, Any]] = {"n": 5}
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.word_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
+
+
+class _Special:
+    """Share of characters that are OBELICS special characters (ASCII punctuation, digits, whitespace, its list of
+    other symbols, emoji); 0 on empty text."""
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.special_share()[rows]
+
+
+class _WordList:
+    """Share of the words in a word list (words_file: one per line; default: OBELICS' list, data/<default>)."""
+
+    default: ClassVar[str]
+    params: ClassVar[dict[str, Any]] = {"words_file": None}
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        super().__init__(cfg)  # type: ignore[call-arg]
+        self.words = frozenset(load_words(self.p["words_file"], default=self.default))  # type: ignore[attr-defined]
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.word_share(self.words)[rows]
+
+
+class _StopWords(_WordList):
+    """Share of the words that are stop words (OBELICS' 301, data/obelics_stopwords_en.txt)."""
+
+    default = "obelics_stopwords_en.txt"
+
+
+class _FlaggedWords(_WordList):
+    """Share of the words that are flagged (adult) words (OBELICS' 67, data/obelics_flagged_en.txt)."""
+
+    default = "obelics_flagged_en.txt"
+
+
+class _SpamWords(_WordList):
+    """Share of the words that are spam words (OBELICS' 40: social media, sharing, cookies, ...,
+    data/obelics_spam_en.txt). OBELICS keeps a paragraph when the share is < 0.12; here max 0.12 keeps 0.12 too."""
+
+    default = "obelics_spam_en.txt"
+
+
+class _Punctuation:
+    """Share of punctuation marks (, ; : ? ! .) among the text's [\\w']+ runs and marks; 0 without either, and 1
+    when there are fewer than min_tokens of them (OBELICS paragraphs: 12, documents: no minimum, 0)."""
+
+    params: ClassVar[dict[str, Any]] = {"min_tokens": 0}
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.punctuation_share(int(self.p["min_tokens"]))[rows]  # type: ignore[attr-defined]
+
+
+class _Lang:
+    """fasttext lid.176's top-1 probability on the lowercased text if its top-1 language is one of `languages`,
+    else 0 (OBELICS: top-1 English with probability >= 0.8). Only the scored texts are predicted."""
+
+    params: ClassVar[dict[str, Any]] = {"languages": ["en"], "model": None}
+
+    def __init__(self, cfg: FilterConfig) -> None:
+        from mm1data.scorers.lang import LangScorer
+
+        super().__init__(cfg)  # type: ignore[call-arg]
+        self.languages = set(self.p["languages"])  # type: ignore[attr-defined]
+        self.scorer = LangScorer(self.p["model"])  # type: ignore[attr-defined]
+
+    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+        return text.lang(rows, self.scorer, self.languages)
+
+
+_MEASURES: dict[str, type] = {
+    "words": _Words,
+    "char_rep": _CharRepetition,
+    "word_rep": _WordRepetition,
+    "special": _Special,
+    "stop_words": _StopWords,
+    "flagged_words": _FlaggedWords,
+    "spam_words": _SpamWords,
+    "punct": _Punctuation,
+    "lang": _Lang,
+}
+
+
+def _register(prefix: str, base: type, what: str) -> None:
+    for suffix, mixin in _MEASURES.items():
+        cls = type(
+            f"{prefix.title()}{mixin.__name__.strip('_')}Filter",
+            (mixin, base),
+            {
+                "__doc__": f"{mixin.__doc__} Per {what}.",
+                "__module__": __name__,
+                "params": dict(getattr(mixin, "params", {})),
+            },
+        )
+        globals()[cls.__name__] = register_filter(f"{prefix}_{suffix}")(cls)
+
+
+_register("para", ParagraphFilter, "paragraph (text position)")
+_register("doc", DocumentFilter, "document (kept paragraphs joined with a blank line)")
+
+
+@register_filter("doc_images")
+class DocImagesFilter(Filter):
+    """Kept images of the document: positions with an image URL and seg_reason "" (OBELICS: 1 to 30).
+
+    Late: the runner applies it after every scorer stage, since those remove images too (the CLIP relevance stage).
+    """
+
+    late = True
+
+    def score(self, batch: Batch) -> np.ndarray:
+        images, seg = batch["images"], batch["seg_reason"]
+        alive = batch["drop_reason"] == ""
+        return np.array(
+            [
+                sum(u is not None and s == "" for u, s in zip(images[d], seg[d])) if alive[d] else np.nan
+                for d in range(len(alive))
+            ],
+            dtype=np.float64,
+        )
