@@ -50,7 +50,9 @@ def batch_to_table(batch: Batch, types: dict[str, pa.DataType]) -> pa.Table:
     cols = {}
     for name, values in batch.items():
         t = types.get(name)
-        if values.ndim == 2:
+        if values.ndim == 2 and t is not None and pa.types.is_list(t):  # equal-length lists, as Ray hands them
+            cols[name] = pa.array(values.tolist(), type=t)
+        elif values.ndim == 2:
             cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type=t), values.shape[1])
         else:
             cols[name] = pa.array(values.tolist() if values.dtype == object else values, type=t)
