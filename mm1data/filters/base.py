@@ -11,7 +11,7 @@ import numpy as np
 
 from mm1data.config import ConfigError, read_yaml_any, short
 from mm1data.registry import get_filter
-from mm1data.stage import Batch
+from mm1data.stage import Batch, plain_lists
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def apply_chain(batch: Batch, cfg: tuple[FilterConfig, ...]) -> Batch:
     key = repr(cfg)
     if key not in _CHAINS:
         _CHAINS[key] = FilterChain(cfg)
-    return _CHAINS[key](batch)
+    return plain_lists(_CHAINS[key](batch))
 
 
 def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> tuple[FilterConfig, ...]:
