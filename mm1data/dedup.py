@@ -584,14 +584,16 @@ class NearDedup:
 
 @dataclass(frozen=True)
 class FrequentValues:
-    """A value of the list column `column` (e.g. a document's image URLs) found in more than `max_rows` of the rows
-    still kept is removed from every row (OBELICS: an image URL in more than 10 documents is a logo or a banner):
-    each such row records the removed values in `removed` (a JSON list), and a row left with fewer than `min_left`
-    values gets drop_reason `reason`. Two hash shuffles on Ray (by value, then by row); no value set on the driver.
-    It must be a kind's last dedup step (it does not pass on the rows it keeps)."""
+    """Values of the list column `column` found in too many of the rows still kept are removed from every row
+    (OBELICS: an image URL in more than 10 documents is a logo or a banner; a paragraph 3 times in a domain is
+    boilerplate). A value is "FAMILY:rest"; `limits` gives each family its most rows. Each row with removals records
+    them in `removed` (a JSON list), and a row left with fewer than `min_left` values of family `counted` gets
+    drop_reason `reason`. Two hash shuffles on Ray (by value, then by row); no value set on the driver. It must be a
+    kind's last dedup step (it does not pass on the rows it keeps)."""
 
     column: str
-    max_rows: int
+    limits: tuple[tuple[str, int], ...]  # (family, most rows a value of it may be in)
+    counted: str = ""  # the family min_left counts
     min_left: int = 0
     reason: str = "doc_images"
     removed: str = "removed_images"
@@ -603,36 +605,45 @@ class FrequentValues:
     def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
         values = t[self.column].to_pylist() if t.num_rows else []
         out = np.empty(len(values), dtype=object)
-        # a value counts once per row; the values travel as one "\n"-joined string (URLs hold no newline), as a
+        # a value counts once per row; the values travel as one "\n"-joined string (they hold no newline), as a
         # ragged list column would be pickled by Ray Data between the steps
         out[:] = ["\n".join(dict.fromkeys(v or ())) for v in values]
         return {f"{prefix}values": out}
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
         parts = max(1, math.ceil(n / ROWS_PER_GROUP))
-        explode = functools.partial(_explode_values, col=f"{prefix}values")
+        explode = functools.partial(_explode_values, col=f"{prefix}values", counted=self.counted)
         rows = ds.select_columns(["pos", f"{prefix}values"]).map_batches(explode, batch_format="numpy")
         frequent = _by_group(
-            rows, parts, functools.partial(_frequent, max_rows=self.max_rows), lambda b: b["hi"] % np.uint64(parts)
+            rows, parts, functools.partial(_frequent, limits=dict(self.limits)), lambda b: b["hi"] % np.uint64(parts)
         )
-        per_row = functools.partial(_removals, min_left=self.min_left, reason=self.reason, removed=self.removed)
+        per_row = functools.partial(
+            _removals, counted=self.counted, min_left=self.min_left, reason=self.reason, removed=self.removed
+        )
         marks = _by_group(frequent, parts, per_row, lambda b: _part(b["pos"], parts))
         return None, marks
 
 
-def _explode_values(b: dict[str, np.ndarray], col: str) -> dict[str, np.ndarray]:
-    """(pos, "\n"-joined values) rows -> a row per value: pos, its row's count of values, the value and its hash."""
+def _family(value: str) -> str:
+    return value.split(":", 1)[0]
+
+
+def _explode_values(b: dict[str, np.ndarray], col: str, counted: str) -> dict[str, np.ndarray]:
+    """(pos, "\n"-joined values) rows -> a row per value: pos, its row's count of `counted` values, the value and
+    its hash."""
     pos = np.asarray(b["pos"], dtype=np.int64)
     lists = [v.split("\n") if v else [] for v in b[col]]
-    counts = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
-    values = np.empty(int(counts.sum()), dtype=object)
+    sizes = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
+    counts = np.fromiter((sum(_family(x) == counted for x in v) for v in lists), dtype=np.int64, count=len(lists))
+    values = np.empty(int(sizes.sum()), dtype=object)
     values[:] = [v for vs in lists for v in vs]
     hi, lo = key128(values.tolist())
-    return {"pos": np.repeat(pos, counts), "n": np.repeat(counts, counts), "value": values, "hi": hi, "lo": lo}
+    return {"pos": np.repeat(pos, sizes), "n": np.repeat(counts, sizes), "value": values, "hi": hi, "lo": lo}
 
 
-def _frequent(group: dict[str, np.ndarray], max_rows: int) -> dict[str, np.ndarray]:
-    """Rows of values (any number of distinct values per group) -> the rows whose value is in > max_rows rows."""
+def _frequent(group: dict[str, np.ndarray], limits: dict[str, int]) -> dict[str, np.ndarray]:
+    """Rows of values (any number of distinct values per group) -> the rows whose value is in more rows than its
+    family's limit."""
     if not len(group.get("pos", ())):
         return {"pos": np.zeros(0, np.int64), "n": np.zeros(0, np.int64), "value": np.zeros(0, dtype=object)}
     hi, lo = group["hi"].astype(np.uint64), group["lo"].astype(np.uint64)
@@ -641,7 +652,9 @@ def _frequent(group: dict[str, np.ndarray], max_rows: int) -> dict[str, np.ndarr
     first = np.r_[True, (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])]
     run = np.cumsum(first) - 1
     sizes = np.bincount(run)
-    hit = order[sizes[run] > max_rows]
+    values = group["value"][order]
+    limit = np.fromiter((limits.get(_family(v), sys.maxsize) for v in values), dtype=np.int64, count=len(values))
+    hit = order[sizes[run] > limit]
     return {
         "pos": group["pos"][hit].astype(np.int64),
         "n": group["n"][hit].astype(np.int64),
@@ -649,9 +662,11 @@ def _frequent(group: dict[str, np.ndarray], max_rows: int) -> dict[str, np.ndarr
     }
 
 
-def _removals(group: dict[str, np.ndarray], min_left: int, reason: str, removed: str) -> dict[str, np.ndarray]:
-    """Frequent values by row -> one mark per row: its reason ("" unless too few values are left) and the removed
-    values as a JSON list (sorted: deterministic)."""
+def _removals(
+    group: dict[str, np.ndarray], counted: str, min_left: int, reason: str, removed: str
+) -> dict[str, np.ndarray]:
+    """Frequent values by row -> one mark per row: its reason ("" unless too few `counted` values are left) and the
+    removed values as a JSON list (sorted: deterministic)."""
     import json
 
     pos = np.asarray(group.get("pos", np.zeros(0)), dtype=np.int64)
@@ -661,9 +676,9 @@ def _removals(group: dict[str, np.ndarray], min_left: int, reason: str, removed:
     pos, n, values = pos[order], group["n"][order], group["value"][order]
     starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
     ends = np.r_[starts[1:], len(pos)]
-    out_pos = pos[starts]
-    left = n[starts] - (ends - starts)
+    gone = np.fromiter((_family(v) == counted for v in values), dtype=np.int64, count=len(values))
+    left = n[starts] - np.add.reduceat(gone, starts)
     reasons = np.where(left < min_left, reason, "").astype(object)
     lists = np.empty(len(starts), dtype=object)
     lists[:] = [json.dumps(sorted(values[a:b].tolist())) for a, b in zip(starts, ends)]
-    return {"pos": out_pos, "reason": reasons, removed: lists}
+    return {"pos": pos[starts], "reason": reasons, removed: lists}

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from conftest import jpeg
 
+from mm1data.dedup import text_fingerprints
 from mm1data.demo import ImageServer, Route
 from mm1data.download import DownloadConfig
 from mm1data.pipelines.interleaved import (
@@ -145,7 +146,9 @@ def test_finish_documents_and_sample(site):
     out = finish_documents(batch)
     assert list(out["drop_reason"]) == ["", "empty_document"]
     assert out["images_kept"].tolist() == [1, 0] and out["paragraphs_kept"].tolist() == [3, 0]
-    assert out["image_urls"][0] == [u("/a.jpg")] and out["image_set"][1] == ""
+    prints = text_fingerprints(["intro", "middle", "end"])
+    assert out["repeats"][0] == [f"img:{u('/a.jpg')}"] + [f"para:example.com {h}" for h in prints]
+    assert out["image_set"][1] == "" and out["repeats"][1] == []
     assert out["doc_bytes"][0] == len(out["image"][0][1]) + len("intro") + len("middle") + len("end")
     row = batch_to_table(out, {**COMMON_TYPES, **KIND.columns}).to_pylist()[0]  # as the shard writer reads it
     members, tokens = build_sample(row)
@@ -166,13 +169,18 @@ def test_apply_removed_and_image_rows():
             "images": [[None, "u1", "u2"], ["u1"]],
             "alts": [[None, "a1", None], [None]],
             "seg_reason": [["", "", ""], [""]],
-            "removed_images": ['["u1"]', '["u1"]'],
+            "url": ["https://a.example/x", "https://b.example/y"],
+            "texts": [["boiler plate", None, None], [None]],
+            "removed": [
+                json.dumps(["img:u1", "para:a.example " + text_fingerprints(["Boiler  plate!"])[0]]),
+                '["img:u1"]',
+            ],
             "image_width": [[0, 10, 20], [10]],
             "shard": ["s-0.tar", ""],
         }
     )
     t = apply_removed(t)
-    assert t["seg_reason"].to_pylist() == [["", "dup_image_url", ""], ["dup_image_url"]]
+    assert t["seg_reason"].to_pylist() == [["dup_paragraph", "dup_image_url", ""], ["dup_image_url"]]
     rows = image_rows(t).to_pylist()
     assert [(r["key"], r["position"], r["image_index"], r["kept"], r["drop_reason"]) for r in rows] == [
         ("k0", 1, -1, False, "dup_image_url"),
@@ -183,7 +191,7 @@ def test_apply_removed_and_image_rows():
     f = funnel(t.append_column("image_sha256", pa.array([["", "h1", "h2"], ["h1"]])))
     assert f == {
         "paragraphs.in": 1,
-        "paragraphs.kept": 1,
+        "paragraphs_dropped.dup_paragraph": 1,
         "images.in": 3,
         "images.downloaded": 3,
         "images_dropped.dup_image_url": 2,
@@ -192,18 +200,23 @@ def test_apply_removed_and_image_rows():
 
 
 def test_frequent_values_on_ray(ray_session):
-    """A value in more than max_rows rows goes from every row; a row left under min_left values is dropped."""
+    """A value in more rows than its family's limit goes from every row; a row left under min_left values of the
+    counted family is dropped."""
     import ray
 
     from mm1data.dedup import FrequentValues
 
-    lists = [["logo", "a"], ["logo"], ["logo", "b", "b2"], ["c"], ["c", "d"], []]
+    lists = [["img:logo", "img:a", "para:x"], ["img:logo", "para:x"], ["img:logo", "img:b", "para:x"], ["img:c"],
+             ["img:c", "img:d"], []]  # fmt: skip
     items = [{"pos": i, "_s0_values": "\n".join(v)} for i, v in enumerate(lists)]
     ds = ray.data.from_items(items, override_num_blocks=3)
-    step = FrequentValues("image_urls", max_rows=2, min_left=1, reason="doc_images")
+    step = FrequentValues("repeats", (("img", 2), ("para", 3)), "img", 1, "doc_images", "removed")
     kept, marks = step.apply(ds, "_s0_", len(lists), keys=None)
-    assert kept is None and step.added == {"removed_images": ""}
-    got = sorted((int(m["pos"]), m["reason"], m["removed_images"]) for m in marks.take_all())
-    assert got == [(0, "", '["logo"]'), (1, "doc_images", '["logo"]'), (2, "", '["logo"]')]
-    cands = step.candidates(pa.table({"image_urls": [["x", "x", "y"], None]}), "_s0_")
+    assert kept is None and step.added == {"removed": ""}
+    got = sorted((int(m["pos"]), m["reason"], m["removed"]) for m in marks.take_all())
+    assert got == [(0, "", '["img:logo"]'), (1, "doc_images", '["img:logo"]'), (2, "", '["img:logo"]')]
+    step = FrequentValues("repeats", (("img", 5), ("para", 2)), "img", 1, "doc_images", "removed")
+    got = sorted((int(m["pos"]), m["reason"], m["removed"]) for m in step.apply(ds, "_s0_", 6, None)[1].take_all())
+    assert got == [(0, "", '["para:x"]'), (1, "", '["para:x"]'), (2, "", '["para:x"]')]  # images left: kept
+    cands = step.candidates(pa.table({"repeats": [["x", "x", "y"], None]}), "_s0_")
     assert cands["_s0_values"].tolist() == ["x\ny", ""]

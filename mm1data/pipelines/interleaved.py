@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from mm1data.config import check, to_dict
-from mm1data.dedup import ExactDedup, FrequentValues
+from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
@@ -42,9 +42,12 @@ class InterleavedDedupConfig:
     image_set: bool = True  # dup_image_set: documents with the same set of images keep the first (OBELICS)
     in_document: bool = True  # dup_image_in_doc: an image repeated in its document keeps its first position
     max_image_docs: int = 10  # dup_image_url: an image URL in more documents is removed everywhere; 0 = off
+    max_domain_paragraph: int = 2  # dup_paragraph: a paragraph in more documents of one domain is removed from
+    #                                all of them (OBELICS: repeated 3 times in a domain = boilerplate); 0 = off
 
     def __post_init__(self) -> None:
         check(self, "max_image_docs", ge=0)
+        check(self, "max_domain_paragraph", ge=0)
 
 
 @dataclass(frozen=True)
@@ -200,24 +203,29 @@ class Relevance(ClipScorer):
 
 
 def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
-    """-> + image_urls (the kept images' distinct URLs: the frequent-image rule counts them), image_set (a hash of
-    the kept images' sha256 set; "" without images), images_kept, paragraphs_kept, doc_bytes (the kept payload, for
-    cutting shards by size). A document with nothing left gets drop_reason `empty_document`."""
+    """-> + repeats (what the corpus-wide repetition rules count: "img:" + each kept image's URL, "para:" + the
+    document's domain and each kept paragraph's fingerprint), image_set (a hash of the kept images' sha256 set; ""
+    without images), images_kept, paragraphs_kept, doc_bytes (the kept payload, for cutting shards by size). A
+    document with nothing left gets drop_reason `empty_document`."""
     texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
     data, shas = _lists(batch["image"]), _lists(batch["image_sha256"])
     n = len(texts)
     urls, sets = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    domains = [_domain(u) for u in batch["url"]]
     n_img, n_par, size = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int64)
     drop = batch["drop_reason"].copy()
     for d in range(n):
         imgs, paras = _kept(images[d], reasons[d], data[d])
-        urls[d] = list(dict.fromkeys(images[d][i] for i in imgs))
+        urls[d] = [f"img:{u}" for u in dict.fromkeys(images[d][i] for i in imgs)]
+        if domains[d] and paras:
+            prints = text_fingerprints([texts[d][i] for i in paras])
+            urls[d] += [f"para:{domains[d]} {h}" for h in dict.fromkeys(prints) if h]
         sets[d] = hashlib.sha256("\n".join(sorted({shas[d][i] for i in imgs})).encode()).hexdigest() if imgs else ""
         n_img[d], n_par[d] = len(imgs), len(paras)
         size[d] = sum(len(data[d][i]) for i in imgs) + sum(len(texts[d][i].encode("utf-8", "replace")) for i in paras)
         if drop[d] == "" and not imgs and not paras:
             drop[d] = "empty_document"
-    batch.update(image_urls=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size)
+    batch.update(repeats=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size)
     batch["drop_reason"] = drop
     return plain_lists(batch)
 
@@ -275,40 +283,62 @@ def _doc_images_bounds(cfg: Config) -> tuple[float, float]:
 
 def dedup(cfg: Config) -> list:
     """Document URL (dup_url), then identical image sets (dup_image_set); then image URLs in more than
-    dedup.max_image_docs documents are removed everywhere (a document left under doc_images' min: doc_images)."""
+    dedup.max_image_docs documents (dup_image_url) and paragraphs in more than dedup.max_domain_paragraph documents
+    of a domain (dup_paragraph) are removed everywhere; a document left under doc_images' min gets doc_images."""
     steps: list = []
     if cfg.dedup.url:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_set:
         steps.append(ExactDedup("image_set", "dup_image_set"))
-    if cfg.dedup.max_image_docs:
+    limits = (("img", cfg.dedup.max_image_docs), ("para", cfg.dedup.max_domain_paragraph))
+    if any(n for _, n in limits):
         lo, _ = _doc_images_bounds(cfg)
-        steps.append(FrequentValues("image_urls", cfg.dedup.max_image_docs, int(np.ceil(lo)), "doc_images"))
+        big = 1 << 62  # a family switched off (0) is never too frequent
+        limits = tuple((f, n or big) for f, n in limits)
+        steps.append(FrequentValues("repeats", limits, "img", int(np.ceil(lo)), "doc_images", "removed"))
     return steps
 
 
+def _domain(url: Any) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return (urlsplit(url).hostname or "") if url else ""
+    except ValueError:
+        return ""
+
+
 def apply_removed(t: pa.Table) -> pa.Table:
-    """Decided rows: the images the frequent-image rule removed get seg_reason dup_image_url."""
-    if "removed_images" not in t.column_names:
+    """Decided rows: the images and paragraphs the repetition rules removed get seg_reason dup_image_url and
+    dup_paragraph."""
+    if "removed" not in t.column_names:
         return t
-    removed = t["removed_images"].to_pylist()
+    removed = t["removed"].to_pylist()
     if not any(removed):
         return t
-    images, reasons = t["images"].to_pylist(), t["seg_reason"].to_pylist()
+    texts, images, reasons = t["texts"].to_pylist(), t["images"].to_pylist(), t["seg_reason"].to_pylist()
+    urls = t["url"].to_pylist()
     for d, r in enumerate(removed):
-        if r:
-            gone = set(json.loads(r))
-            reasons[d] = [
-                "dup_image_url" if (not s and u is not None and u in gone) else s
-                for u, s in zip(images[d], reasons[d])
-            ]
+        if not r:
+            continue
+        gone = set(json.loads(r))
+        seg = reasons[d]
+        for i, u in enumerate(images[d]):
+            if not seg[i] and u is not None and f"img:{u}" in gone:
+                seg[i] = "dup_image_url"
+        paras = [i for i, u in enumerate(images[d]) if u is None and not seg[i]]
+        if paras and any(v.startswith("para:") for v in gone):
+            domain = _domain(urls[d])
+            for i, h in zip(paras, text_fingerprints([texts[d][i] for i in paras])):
+                if f"para:{domain} {h}" in gone:
+                    seg[i] = "dup_paragraph"
     return t.set_column(t.column_names.index("seg_reason"), "seg_reason", pa.array(reasons, pa.list_(pa.string())))
 
 
 # staged columns that are not document metadata: positions (in segments / image_info), payload, internals
 NOT_IN_JSON = {
-    "texts", "images", "alts", "seg_reason", "extra", "drop_reason", "src_file", "src_row", "key", "image_urls",
-    "image_set", "doc_bytes", "removed_images",
+    "texts", "images", "alts", "seg_reason", "extra", "drop_reason", "src_file", "src_row", "key", "repeats",
+    "image_set", "doc_bytes", "removed",
 }  # fmt: skip
 IMAGE_INFO = {  # per kept image in the sample json: name -> per-position column
     "url": "images",
@@ -386,9 +416,7 @@ def image_rows(t: pa.Table) -> pa.Table:
     per-position column at that position (download status and error, sizes, sha256, format, relevance, filter
     scores)."""
     names = t.column_names
-    per_pos = [
-        c for c in names if c not in ITEM_SKIP and pa.types.is_list(t.schema.field(c).type) and c != "image_urls"
-    ]
+    per_pos = [c for c in names if c not in ITEM_SKIP and pa.types.is_list(t.schema.field(c).type) and c != "repeats"]
     cols: dict[str, list] = {
         k: [] for k in ("key", "position", "image_index", "url", "alt", "kept", "drop_reason", "shard", *per_pos)
     }
@@ -439,7 +467,7 @@ KIND = Kind(
         "image_error": STRINGS,
         "image_relevance": pa.list_(pa.float32()),
         "image_best_segment": INTS,
-        "image_urls": STRINGS,
+        "repeats": STRINGS,
         "image_set": pa.string(),
     },
     payload=("image",),

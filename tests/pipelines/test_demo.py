@@ -1,4 +1,4 @@
-"""`mm1data demo` builds a caption and a text corpus, checks their manifest and streams packed batches."""
+"""`mm1data demo` builds the interleaved, caption and text corpora, checks their manifest, streams packed batches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mm1data.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
-    indexes = run_demo(str(tmp_path / "demo"), n=60, n_text=60)
+    indexes = run_demo(str(tmp_path / "demo"), n=60, n_text=60, n_pages=16)
     index = indexes["caption"]
     out = capsys.readouterr().out
     assert "kept" in out and "caption-000000.tar" in out
@@ -23,5 +23,9 @@ def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
     text = indexes["text"]
     assert text["kind"] == "text" and text["totals"]["samples"] > 30
     assert {"dup_text", "dup_near"} <= set(text["funnel"]["dropped"])
+    web = indexes["interleaved"]
+    assert web["kind"] == "interleaved" and web["totals"]["samples"] >= 12 and web["totals"]["images"] > 12
+    assert web["funnel"]["images_dropped"]["http_404"] > 0 and web["funnel"]["dropped"] == {"dup_image_set": 1}
+    assert "interleaved-000000.tar" in out
     assert "manifest check" in out and "all present with their listed sizes" in out
     assert "input_ids [4, 4096]" in out and "images [4, 16, 3, 378, 378]" in out and "realised mix" in out

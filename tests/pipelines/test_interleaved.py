@@ -82,7 +82,7 @@ def test_obelics_end_to_end(ray_session, tmp_path):
     assert meta[1]["seg_reason"] == ["", "", "", "http_404"]
     assert meta[0]["seg_reason"] == ["", "", "", "dup_image_url"]
     assert meta[2]["seg_reason"] == ["", "", "", "dup_image_url", "dup_image_in_doc"]
-    assert json.loads(meta[0]["removed_images"]) == [u("/logo.jpg")]
+    assert json.loads(meta[0]["removed"]) == [f"img:{u('/logo.jpg')}"]
 
     images = pq.read_table(os.path.join(out, "meta_images")).to_pylist()
     doc0 = [
