@@ -291,6 +291,12 @@ PAGE = """<!DOCTYPE html>
 """
 
 
+NEWSLETTER = (
+    "Subscribe to our weekly newsletter and we will send you the best stories of the week, with photographs from "
+    "our readers and the news of the village, every Friday morning."
+)
+
+
 def make_web_site(server: ImageServer, n: int, seed: int = 0) -> list[str]:
     """n article pages on `server` (paragraphs of English-like prose with drawn images between them, inside the
     navigation, header, footer, cookie banner and sidebar real sites have), plus the things crawls hold: a logo and
@@ -326,6 +332,7 @@ def make_web_site(server: ImageServer, n: int, seed: int = 0) -> list[str]:
         if i % 5 == 1:
             parts.append('<img src="/static/icon-share.png" alt="share">')  # too small, and an icon
         parts.append(f"<p>{make_document(rng, 3)}</p>")
+        parts.append(f"<p>{NEWSLETTER}</p>")  # boilerplate inside the article: the domain rule removes it
         popular = "".join(f'<li><a href="/news/{k}.html">Story {k}</a></li>' for k in range(5))
         html = PAGE.format(title=f"Story number {i}", body="\n".join(parts), popular=popular).encode()
         server.routes[f"/news/{i}.html"] = Route(html, headers={"Content-Type": "text/html; charset=utf-8"})

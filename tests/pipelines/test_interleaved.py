@@ -179,10 +179,13 @@ def test_web_site_warc_on_s3(ray_session, tmp_path):
     body = s3.get_object(Bucket="web", Key=f"out/{index['shards'][0]['path']}")["Body"].read()
     docs = [json.loads(v) for k, v in members_of_bytes(body).items() if k.endswith(".json")]
     assert index["funnel"]["dropped"].get("dup_image_set") == 1  # the mirror of page 0
+    # the newsletter blurb, on every page, goes from every document kept
+    assert index["funnel"]["paragraphs_dropped"]["dup_paragraph"] == index["funnel"]["kept"]
     assert len(docs) == index["totals"]["samples"] >= 10
     for doc in docs:
         text = " ".join(s["text"] for s in doc["segments"] if "text" in s)
         assert "cookie" not in text.lower() and "Copyright" not in text and "Privacy policy" not in text
+        assert "newsletter" not in text
         urls = [i["url"] for i in doc["image_info"]]
         assert not any("logo" in x or "banner-ad" in x or "data:" in x or "-small" in x for x in urls), urls
         assert all("/img/" in x for x in urls) and doc["segments"][0].get("text")
