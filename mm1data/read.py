@@ -709,7 +709,7 @@ def read_interleaved_unit(unit: Unit, cfg: InterleavedInputConfig, skip: Iterabl
     skip = set(skip)
     if unit.fmt == "warc":
         _unchanged(unit)
-        records: Iterator[tuple] = _warc_pages(unit.uri, cfg.max_bytes, skip)
+        records: Iterator[tuple] = _warc_pages(unit.uri, unit.size, cfg.max_bytes, skip)
     elif unit.fmt == "html":
         records = _html_pages(unit, cfg.max_bytes, skip)
     else:
@@ -861,38 +861,57 @@ def _page(body: bytes, url: str, encoding: str | None, max_bytes: int, **kw: Any
     return _WebPage(p.url, p.texts, p.images, p.alts, **kw)
 
 
-def _warc_pages(uri: str, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, _WebPage]]:
+def _warc_pages(uri: str, size: int, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, _WebPage]]:
     """(record number, page) for the response/resource records of a WARC file (warcio); the target URI is the page
-    URL. A body over max_bytes is not read whole (warcio skips the rest of the record). A file cut or corrupt at
-    a record ends with a row truncated_warc after the records read before it."""
+    URL. A body over max_bytes is not read whole (warcio drains the rest of the record in small reads). A file cut
+    or corrupt at a record ends with a row truncated_warc after the records read before it."""
     from warcio.archiveiterator import ArchiveIterator
 
-    i = -1
+    i, end = -1, 0
     with storage.open_read(uri) as f:
-        records = iter(ArchiveIterator(f))
+        archive = ArchiveIterator(f)
+        records = iter(archive)
         while True:
+            page, number = None, i + 1  # the number this record gets if it is a document
             try:
                 rec = next(records)
-                if rec.rec_type not in ("response", "resource"):
-                    continue
-                i += 1
-                if i in skip:
-                    continue
-                url = (rec.rec_headers.get_header("WARC-Target-URI") or "").strip()
-                extra = {"warc_record_id": rec.rec_headers.get_header("WARC-Record-ID") or ""}
-                ctype = (rec.http_headers.get_header("Content-Type") if rec.http_headers else rec.content_type) or ""
-                if "html" not in ctype.lower():
-                    yield i, _WebPage(url, extra=extra, reason="not_html")
-                    continue
-                body = rec.content_stream().read(max_bytes + 1)
-                m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:\-]+)", ctype)
+                if not rec.rec_type or not (rec.rec_headers.get_header("Content-Length") or "").strip().isdigit():
+                    raise ValueError("a record header without WARC-Type or Content-Length")  # (warcio reads a cut
+                    # header as a record of no type, or of no length whose body is the rest of the file)
+                if rec.rec_type in ("response", "resource"):
+                    i += 1
+                    if i not in skip:
+                        page = _warc_page(rec, max_bytes)
+                end = archive.get_record_offset() + archive.get_record_length()  # (reads the rest of the record)
+                if getattr(rec.raw_stream, "limit", 0) > 0:
+                    # warcio gives a record cut by the end of the file as if whole: its Content-Length says otherwise
+                    raise ValueError(f"the file ends {rec.raw_stream.limit} bytes before the record's end")
             except StopIteration:
+                break
+            except Exception as e:  # warcio: a cut or corrupt record header, a broken gzip member
+                yield number, _WebPage(extra={"error": f"{type(e).__name__}: {e}"[:300]}, reason="truncated_warc")
                 return
-            except Exception as e:  # warcio: a truncated gzip member, a cut header, a bad length
-                error = f"{type(e).__name__}: {e}"[:300]
-                yield i + 1, _WebPage(extra={"error": error}, reason="truncated_warc")
-                return
-            yield i, _page(body, url, m.group(1) if m else None, max_bytes, extra=extra)
+            if page is not None:
+                yield i, page
+                if page.reason == "truncated_warc":
+                    return
+    if size and size - end > (0 if uri.lower().endswith(".gz") else 4):  # 4: an uncompressed record's blank lines
+        # warcio ends quietly at a gzip member cut too short to hold a record header
+        yield (
+            i + 1,
+            _WebPage(extra={"error": f"{size - end} bytes after the last whole record"}, reason="truncated_warc"),
+        )
+
+
+def _warc_page(rec: Any, max_bytes: int) -> _WebPage:
+    url = (rec.rec_headers.get_header("WARC-Target-URI") or "").strip()
+    extra = {"warc_record_id": rec.rec_headers.get_header("WARC-Record-ID") or ""}
+    ctype = (rec.http_headers.get_header("Content-Type") if rec.http_headers else rec.content_type) or ""
+    if "html" not in ctype.lower():
+        return _WebPage(url, extra=extra, reason="not_html")
+    body = rec.content_stream().read(max_bytes + 1)
+    m = re.search(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:\-]+)", ctype)
+    return _page(body, url, m.group(1) if m else None, max_bytes, extra=extra)
 
 
 def _html_pages(unit: Unit, max_bytes: int, skip: set[int]) -> Iterator[tuple[int, _WebPage]]:
