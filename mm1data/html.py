@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
 def resolve_image_url(src: str, base: str) -> str:
@@ -13,12 +15,13 @@ def resolve_image_url(src: str, base: str) -> str:
     (https without a base); relative ones are joined to an http(s) base and kept verbatim without one (the reader
     then marks them image_relative_url); `data:` URLs are kept verbatim (the download stage drops them)."""
     src = src.strip()
-    if src[:5].lower() == "data:":
+    scheme = _scheme(src)
+    if scheme:  # absolute (http, data or another scheme): as it is
         return src
-    scheme = urlsplit(base).scheme.lower() if base else ""
+    base_scheme = _scheme(base)
     if src.startswith("//"):
-        return f"{scheme if scheme in ('http', 'https') else 'https'}:{src}"
-    if scheme in ("http", "https") and not _scheme(src):
+        return f"{base_scheme if base_scheme in ('http', 'https') else 'https'}:{src}"
+    if base_scheme in ("http", "https"):
         try:
             return urljoin(base, src)
         except ValueError:  # e.g. a malformed IPv6 host in the base
@@ -27,22 +30,21 @@ def resolve_image_url(src: str, base: str) -> str:
 
 
 def image_url_reason(url: str) -> str:
-    """The seg_reason an image URL gets at reading: "" for http(s) and data: URLs (the download stage decides on
-    those), image_relative_url for one that could not be resolved, image_bad_url for any other scheme."""
+    """The seg_reason an image URL gets at reading: "" for http(s) URLs with a host and data: URLs (the download
+    stage decides on those), image_relative_url for one that could not be resolved, image_bad_url otherwise."""
     scheme = _scheme(url)
-    if scheme in ("http", "https", "data"):
-        try:
-            return "" if scheme == "data" or urlsplit(url).netloc else "image_bad_url"
-        except ValueError:  # a malformed host (e.g. an unclosed IPv6 bracket)
-            return "image_bad_url"
+    if scheme in ("http", "https"):
+        host = url[len(scheme) + 3 : len(scheme) + 4]  # the first character after "://"
+        return "" if url[len(scheme) : len(scheme) + 3] == "://" and host and host not in "/?#" else "image_bad_url"
+    if scheme == "data":
+        return ""
     return "image_relative_url" if not scheme and url.strip() else "image_bad_url"
 
 
 def _scheme(url: str) -> str:
-    head, sep, _ = url.partition(":")
-    if not sep or not head or not head[0].isalpha() or not all(c.isalnum() or c in "+-." for c in head):
-        return ""
-    return head.lower()
+    """The URL's scheme, lowercased ("" for a relative URL). A Windows drive letter is no scheme we fetch."""
+    m = _SCHEME.match(url)
+    return m.group(1).lower() if m else ""
 
 
 # Elements whose whole subtree is never main content.
@@ -60,7 +62,9 @@ BOILER_WORDS = frozenset(
     "masthead social share sharing newsletter subscribe signup advert advertisement ads ad sponsor sponsored promo "
     "popup modal overlay related recommended comments comment disqus skip toolbar pagination pager".split()
 )
-KEEP_TAGS = frozenset(("html", "body", "main", "article"))  # never dropped by a class/id word
+# never dropped by a class/id word: the page's frame, and text-level elements (a heading's <a class="header"> is
+# its permalink, not a page header)
+KEEP_TAGS = frozenset("html body main article a h1 h2 h3 h4 h5 h6 p img picture figure b i em strong code".split())
 BLOCK_TAGS = frozenset(
     "p div h1 h2 h3 h4 h5 h6 li ul ol dl dt dd section article main blockquote pre table thead tbody tfoot tr td th "
     "figure figcaption caption address details summary hr br center body".split()
@@ -235,7 +239,8 @@ def _walk(root: Any, page: Page, base: str) -> None:
         if block:
             flush()
             stack.append((node, True, in_link))
-        links = in_link + (tag == "a")
+        # an in-page anchor (a heading's permalink, a footnote) is no link away from the content
+        links = in_link + (tag == "a" and not (node.attributes.get("href") or "").startswith("#"))
         stack.extend((child, False, links) for child in reversed(list(node.iter(include_text=True))))
     flush()
 

@@ -86,15 +86,17 @@ def test_boilerplate_by_role_class_and_hidden():
         "<p>This site uses cookies to improve your experience.</p>"
         "<div class='canvas'><p>Canvas is not nav.</p></div>"
         "<p><a href='/1'>One</a>, <a href='/2'>Two</a>, <a href='/3'>Three</a></p>"  # link-dense
-        "<p>Read <a href='/x'>this</a> before the long sentence that follows it here.</p></body>"
+        "<p>Read <a href='/x'>this</a> before the long sentence that follows it here.</p>"
+        "<h2><a class='header' href='#usage'>Usage</a></h2></body>"  # a permalink anchor is not a link away
     )
     texts, images, _ = extract(html, PAGE)
     assert texts == [
         "A headline is content.",
         "Canvas is not nav.",
         "Read this before the long sentence that follows it here.",
+        "Usage",
     ]
-    assert images == [None, None, None]
+    assert images == [None] * 4
 
 
 def test_lone_article_is_the_content_root():
