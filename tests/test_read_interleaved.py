@@ -146,6 +146,9 @@ def test_forms_and_formats_agree(tmp_path):
     assert out["images"][6:12] == out["images"][:6] == out["images"][12:]
     assert out["texts"][:6] == out["texts"][12:] and out["extra"][:6] == out["extra"][12:]
     assert out["images"][1][1] == "http://other.example/x/cat.jpg"
+    big = [{"texts": ["x" * 5000, None], "images": [None, "http://a.example/1.jpg"]}, OBELICS]
+    pq.write_table(pa.Table.from_pylist(big), tmp_path / "big.parquet")  # a parquet row is read whole: capped after
+    assert read_all(tmp_path / "big.parquet", max_bytes=4000)["drop_reason"] == ["too_large", ""]
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ConfigError, match="neither OBELICS columns .'texts' \\+ 'images'. nor MMC4"):
         plan_units(InterleavedInputConfig(path=str(tmp_path / "d.jsonl")))
