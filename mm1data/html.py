@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
 def resolve_image_url(src: str, base: str) -> str:
@@ -13,12 +15,13 @@ def resolve_image_url(src: str, base: str) -> str:
     (https without a base); relative ones are joined to an http(s) base and kept verbatim without one (the reader
     then marks them image_relative_url); `data:` URLs are kept verbatim (the download stage drops them)."""
     src = src.strip()
-    if src[:5].lower() == "data:":
+    scheme = _scheme(src)
+    if scheme:  # absolute (http, data or another scheme): as it is
         return src
-    scheme = urlsplit(base).scheme.lower() if base else ""
+    base_scheme = _scheme(base)
     if src.startswith("//"):
-        return f"{scheme if scheme in ('http', 'https') else 'https'}:{src}"
-    if scheme in ("http", "https") and not _scheme(src):
+        return f"{base_scheme if base_scheme in ('http', 'https') else 'https'}:{src}"
+    if base_scheme in ("http", "https"):
         try:
             return urljoin(base, src)
         except ValueError:  # e.g. a malformed IPv6 host in the base
@@ -27,22 +30,21 @@ def resolve_image_url(src: str, base: str) -> str:
 
 
 def image_url_reason(url: str) -> str:
-    """The seg_reason an image URL gets at reading: "" for http(s) and data: URLs (the download stage decides on
-    those), image_relative_url for one that could not be resolved, image_bad_url for any other scheme."""
+    """The seg_reason an image URL gets at reading: "" for http(s) URLs with a host and data: URLs (the download
+    stage decides on those), image_relative_url for one that could not be resolved, image_bad_url otherwise."""
     scheme = _scheme(url)
-    if scheme in ("http", "https", "data"):
-        try:
-            return "" if scheme == "data" or urlsplit(url).netloc else "image_bad_url"
-        except ValueError:  # a malformed host (e.g. an unclosed IPv6 bracket)
-            return "image_bad_url"
+    if scheme in ("http", "https"):
+        host = url[len(scheme) + 3 : len(scheme) + 4]  # the first character after "://"
+        return "" if url[len(scheme) : len(scheme) + 3] == "://" and host and host not in "/?#" else "image_bad_url"
+    if scheme == "data":
+        return ""
     return "image_relative_url" if not scheme and url.strip() else "image_bad_url"
 
 
 def _scheme(url: str) -> str:
-    head, sep, _ = url.partition(":")
-    if not sep or not head or not head[0].isalpha() or not all(c.isalnum() or c in "+-." for c in head):
-        return ""
-    return head.lower()
+    """The URL's scheme, lowercased ("" for a relative URL). A Windows drive letter is no scheme we fetch."""
+    m = _SCHEME.match(url)
+    return m.group(1).lower() if m else ""
 
 
 # Elements whose whole subtree is never main content.
@@ -60,12 +62,24 @@ BOILER_WORDS = frozenset(
     "masthead social share sharing newsletter subscribe signup advert advertisement ads ad sponsor sponsored promo "
     "popup modal overlay related recommended comments comment disqus skip toolbar pagination pager".split()
 )
-KEEP_TAGS = frozenset(("html", "body", "main", "article"))  # never dropped by a class/id word
+# never dropped by a class/id word: the page's frame, and text-level elements (a heading's <a class="header"> is
+# its permalink, not a page header)
+KEEP_TAGS = frozenset("html body main article a h1 h2 h3 h4 h5 h6 p img picture figure b i em strong code".split())
 BLOCK_TAGS = frozenset(
     "p div h1 h2 h3 h4 h5 h6 li ul ol dl dt dd section article main blockquote pre table thead tbody tfoot tr td th "
     "figure figcaption caption address details summary hr br center body".split()
 )
 MAX_LINK_SHARE = 0.5  # a paragraph with more of its characters inside links is boilerplate (menus, tag lists)
+# a short paragraph saying one of these is a consent notice left without a telling class (OBELICS drops them too)
+BOILER_TEXT = re.compile(
+    r"\b(we use cookies|(this|our) (web)?site uses cookies|accept (all )?cookies|cookie (policy|settings)|"
+    r"javascript (is )?(disabled|required)|enable javascript|subscribe to our newsletter|all rights reserved)\b",
+    re.I,
+)
+BOILER_TEXT_MAX = 400  # characters: a longer paragraph that mentions cookies is content
+MIN_MAIN_CHARS = 200  # a lone <main>/<article> with this much text is the content root (else the whole body)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # invisible control characters (a NUL, a BEL)
+_HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 PLACEHOLDER = re.compile(r"^data:|blank|spacer|placeholder|pixel|transparent|lazy|loading", re.I)
 _WORD_SPLIT = re.compile(r"[\s_\-]+")
 _CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
@@ -113,8 +127,18 @@ def extract_page(html: bytes | str, page_url: str = "", encoding: str | None = N
     if root is None:
         return page
     _remove_boilerplate(root)
-    _walk(root, page, base_url)
+    _walk(_content_root(root), page, base_url)
     return page
+
+
+def _content_root(body: Any) -> Any:
+    """The page's lone <main>, else its lone <article>, when it holds real text (the publisher's own mark of the
+    content: what lies outside it, related posts and teasers, is not); else the body."""
+    for tag in ("main", "article"):
+        nodes = body.css(tag)
+        if len(nodes) == 1 and len(nodes[0].text(separator=" ", strip=True)) >= MIN_MAIN_CHARS:
+            return nodes[0]
+    return body
 
 
 def decode_html(data: bytes, encoding: str | None = None) -> str:
@@ -157,9 +181,9 @@ def _declared_url(tree: Any) -> str:
 def _remove_boilerplate(root: Any) -> None:
     for node in root.css(", ".join(DROP_TAGS)):
         node.decompose()
-    for node in root.css("[role], [class], [id], [aria-hidden], [hidden]"):
+    for node in root.css("[role], [class], [id], [aria-hidden], [hidden], [style]"):
         attrs = node.attributes
-        if "hidden" in attrs or attrs.get("aria-hidden") == "true":
+        if "hidden" in attrs or attrs.get("aria-hidden") == "true" or _HIDDEN_STYLE.search(attrs.get("style") or ""):
             node.decompose()
             continue
         if (attrs.get("role") or "").lower() in DROP_ROLES:
@@ -179,12 +203,15 @@ def _walk(root: Any, page: Page, base: str) -> None:
     link_chars = [0]
 
     def flush() -> None:
-        text = " ".join(" ".join(parts).split())
+        text = " ".join(_CONTROL.sub("", "".join(parts)).split())  # (inline elements add no space: <b>a</b>b is ab)
         linked = link_chars[0]
         parts.clear()
         link_chars[0] = 0
-        if text and linked <= MAX_LINK_SHARE * len(text):
-            page.texts.append(text), page.images.append(None), page.alts.append(None)
+        if not text or linked > MAX_LINK_SHARE * len(text):
+            return
+        if len(text) <= BOILER_TEXT_MAX and BOILER_TEXT.search(text):
+            return
+        page.texts.append(text), page.images.append(None), page.alts.append(None)
 
     stack: list[tuple[Any, bool, int]] = [(root, False, 0)]  # (node, exiting, links open)
     while stack:
@@ -201,7 +228,7 @@ def _walk(root: Any, page: Page, base: str) -> None:
                     link_chars[0] += len(" ".join(value.split()))
             continue
         if tag == "img":
-            src, alt = _image_src(node.attributes, base), node.attributes.get("alt")
+            src, alt = _image_src(node.attributes, base, _picture_srcset(node)), node.attributes.get("alt")
             if src:
                 flush()
                 page.texts.append(None), page.images.append(src), page.alts.append(alt.strip() if alt else alt)
@@ -212,17 +239,29 @@ def _walk(root: Any, page: Page, base: str) -> None:
         if block:
             flush()
             stack.append((node, True, in_link))
-        links = in_link + (tag == "a")
+        # an in-page anchor (a heading's permalink, a footnote) is no link away from the content
+        links = in_link + (tag == "a" and not (node.attributes.get("href") or "").startswith("#"))
         stack.extend((child, False, links) for child in reversed(list(node.iter(include_text=True))))
     flush()
 
 
-def _image_src(attrs: dict[str, str | None], base: str) -> str:
-    """The image URL of an <img>: its largest srcset candidate, else data-src when src is missing or a
-    placeholder (lazy loading), else src."""
+def _picture_srcset(img: Any) -> str:
+    """The srcset of the <source> elements of the <picture> an <img> is in (all their candidates: the largest
+    wins), "" if none."""
+    parent = img.parent
+    if parent is None or parent.tag != "picture":
+        return ""
+    sets = [n.attributes.get("srcset") or n.attributes.get("data-srcset") or "" for n in parent.css("source")]
+    return ", ".join(s for s in sets if s.strip())
+
+
+def _image_src(attrs: dict[str, str | None], base: str, picture: str = "") -> str:
+    """The image URL of an <img>: its largest srcset candidate (with its <picture>'s sources), else data-src when
+    src is missing or a placeholder (lazy loading), else src."""
     src = (attrs.get("src") or "").strip()
     placeholder = not src or bool(PLACEHOLDER.search(src))
     srcset = attrs.get("srcset") or (attrs.get("data-srcset") if placeholder else None)
+    srcset = ", ".join(s for s in (srcset, picture) if s)
     best = _largest(srcset) if srcset else ""
     if not best and placeholder:
         best = next((v.strip() for k in LAZY_ATTRS if (v := attrs.get(k)) and v.strip()), "")

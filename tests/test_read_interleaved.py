@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 
 import pyarrow as pa
@@ -145,6 +146,9 @@ def test_forms_and_formats_agree(tmp_path):
     assert out["images"][6:12] == out["images"][:6] == out["images"][12:]
     assert out["texts"][:6] == out["texts"][12:] and out["extra"][:6] == out["extra"][12:]
     assert out["images"][1][1] == "http://other.example/x/cat.jpg"
+    big = [{"texts": ["x" * 5000, None], "images": [None, "http://a.example/1.jpg"]}, OBELICS]
+    pq.write_table(pa.Table.from_pylist(big), tmp_path / "big.parquet")  # a parquet row is read whole: capped after
+    assert read_all(tmp_path / "big.parquet", max_bytes=4000)["drop_reason"] == ["too_large", ""]
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ConfigError, match="neither OBELICS columns .'texts' \\+ 'images'. nor MMC4"):
         plan_units(InterleavedInputConfig(path=str(tmp_path / "d.jsonl")))
@@ -163,9 +167,148 @@ def test_s3_input_reads_like_local(s3_server, tmp_path):
     import boto3
 
     write_jsonl(tmp_path / "d.jsonl", [OBELICS] * 3)
+    write_warc(tmp_path / "e.warc.gz")
+    (tmp_path / "f.html").write_text('<base href="http://f.example/"><p>A page.</p><img src="a.png">')
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="interleaved")
-    s3.upload_file(str(tmp_path / "d.jsonl"), "interleaved", "docs/d.jsonl")
+    for name in ("d.jsonl", "e.warc.gz", "f.html"):
+        s3.upload_file(str(tmp_path / name), "interleaved", f"docs/{name}")
     remote = read_all("s3://interleaved/docs/")
-    local = read_all(tmp_path / "d.jsonl")
-    assert remote == local
+    local = read_all(tmp_path)
+    assert remote == local and local["src_file"] == ["d.jsonl"] * 3 + ["e.warc.gz"] * 3 + ["f.html"]
+    assert local["images"][-1] == [None, "http://f.example/a.png"]
+
+
+def write_warc(path, gz: bool = True) -> bytes:
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    def http(ctype: str) -> StatusAndHeaders:
+        return StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+
+    latin = "<html><body><nav><a href='/'>Home</a></nav><p>Caf\xe9 cr\xe8me on the terrace.</p>"
+    latin += "<img src='img/cup.jpg' alt='A cup'></body></html>"
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=gz)
+    w.write_record(w.create_warcinfo_record("x.warc", {"software": "test"}))
+    w.write_record(
+        w.create_warc_record("http://a.example/q", "request", payload=io.BytesIO(b"GET / HTTP/1.1\r\n\r\n"))
+    )
+    w.write_record(
+        w.create_warc_record(
+            "http://a.example/fr/page",
+            "response",
+            payload=io.BytesIO(latin.encode("latin-1")),
+            http_headers=http("text/html; charset=ISO-8859-1"),
+        )
+    )
+    w.write_record(
+        w.create_warc_record(
+            "http://a.example/x.jpg", "response", payload=io.BytesIO(b"\xff\xd8\xff"), http_headers=http("image/jpeg")
+        )
+    )
+    page = b"<p>Second page with text.</p><img srcset='//cdn.example/s.jpg 1x, //cdn.example/l.jpg 2x'>"
+    w.write_record(
+        w.create_warc_record(
+            "https://b.example/", "response", payload=io.BytesIO(page), http_headers=http("text/html")
+        )
+    )
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("name", ["crawl.warc.gz", "crawl.warc"])
+def test_warc_pages(tmp_path, name):
+    write_warc(tmp_path / name, gz=name.endswith(".gz"))
+    out = read_all(tmp_path / name)
+    assert out["src_row"] == [0, 1, 2]  # response/resource records are numbered; warcinfo and request are not
+    assert out["drop_reason"] == ["", "not_html", ""]
+    assert out["url"] == ["http://a.example/fr/page", "http://a.example/x.jpg", "https://b.example/"]
+    assert out["texts"][0] == ["Caf\xe9 cr\xe8me on the terrace.", None]  # the header's charset, the nav removed
+    assert out["images"][0] == [None, "http://a.example/fr/img/cup.jpg"] and out["alts"][0] == [None, "A cup"]
+    assert out["images"][2] == [None, "https://cdn.example/l.jpg"]
+    assert json.loads(out["extra"][0])["warc_record_id"].startswith("<urn:uuid:")
+    assert out["key"] == [make_key(name, r) for r in range(3)]
+    assert read_all(tmp_path / name, skip=[0, 1])["key"] == out["key"][2:]
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_warc_keeps_the_records_before(tmp_path, gz):
+    from warcio.archiveiterator import ArchiveIterator
+
+    data = write_warc(tmp_path / "whole.warc", gz=gz)
+    archive = ArchiveIterator(io.BytesIO(data))
+    last = [archive.get_record_offset() for _ in archive][-1]
+    seen = set()
+    for cut in range(last + 1, len(data) - 12, 7):  # cuts inside the last record (before a gzip member's footer)
+        p = tmp_path / ("cut.warc.gz" if gz else "cut.warc")
+        p.write_bytes(data[:cut])
+        out = read_all(p)
+        assert out["drop_reason"] == ["", "not_html", "truncated_warc"], cut
+        assert out["texts"][0] == ["Caf\xe9 cr\xe8me on the terrace.", None] and out["src_row"] == [0, 1, 2]
+        seen.add(json.loads(out["extra"][2])["error"].split()[0])
+    assert seen  # the reason records what was wrong
+
+
+def test_html_directory(tmp_path):
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "a.html").write_text(
+        '<html><head><link rel="canonical" href="https://blog.example/posts/a"></head><body>'
+        "<header><h1>Blog</h1></header><main><h2>A day out</h2><p>We walked along the river.</p>"
+        '<img src="../pics/river.jpg" alt="River"><img data-src="/lazy.jpg" src="data:image/gif;base64,R0lG">'
+        "</main><footer>(c) Blog</footer></body></html>"
+    )
+    (site / "b.htm").write_bytes(
+        b'<html><head><meta charset="windows-1252"></head><body><p>Na\xefve \x93quotes\x94 here.</p>'
+        b'<img src="rel/x.png"><img src="https://img.example/y.png"><p>Unclosed <b>bold <i>text</body>'
+    )
+    (site / "sub" / "empty.html").write_text("<html><body><nav>Only a menu</nav><script>x()</script></body></html>")
+    (site / "notes.txt").write_text("not a page")
+    out = read_all(site, files_per_unit=2)
+    assert out["src_file"] == ["a.html", "b.htm", "sub/empty.html"] and out["src_row"] == [0, 1, 2]
+    assert out["key"] == [make_key(s, 0) for s in out["src_file"]]
+    assert out["drop_reason"] == ["", "", "empty_document"]
+    assert out["url"] == ["https://blog.example/posts/a", "", ""]
+    assert out["texts"][0] == ["A day out", "We walked along the river.", None, None]
+    assert out["images"][0] == [None, None, "https://blog.example/pics/river.jpg", "https://blog.example/lazy.jpg"]
+    assert out["alts"][0] == [None, None, "River", None]
+    # no page URL: a relative image cannot be resolved and is marked; an absolute one is kept
+    assert out["texts"][1] == ["Na\xefve \u201cquotes\u201d here.", None, None, "Unclosed bold text"]
+    assert out["images"][1] == [None, "rel/x.png", "https://img.example/y.png", None]
+    assert out["seg_reason"][1] == ["", "image_relative_url", "", ""]
+    assert [u.fmt for u in plan_units(InterleavedInputConfig(path=str(site), files_per_unit=2))] == ["html", "html"]
+    assert read_all(site, skip=[1], files_per_unit=2)["src_file"] == ["a.html", "sub/empty.html"]
+
+
+def test_a_50mb_document_is_dropped_with_bounded_memory(tmp_path):
+    """A 50 MB document in jsonl, in a WARC and as an HTML file is too_large (default max_bytes 10 MB), read in
+    bounded pieces: the reading never holds a copy of it."""
+    import tracemalloc
+
+    big = "word " * 10_000_000
+    (tmp_path / "j").mkdir()
+    write_jsonl(tmp_path / "j" / "d.jsonl", [{"texts": [big], "images": [None]}, OBELICS])
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "big.html").write_text(f"<html><body><p>{big}</p></body></html>")
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(tmp_path / "big.warc.gz", "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        body = io.BytesIO(f"<p>{big}</p>".encode())
+        w.write_record(w.create_warc_record("http://big.example/", "response", payload=body, http_headers=http))
+    del big, body
+    for path, reasons in (
+        (tmp_path / "j", ["too_large", ""]),
+        (tmp_path / "h", ["too_large"]),
+        (tmp_path / "big.warc.gz", ["too_large"]),
+    ):
+        tracemalloc.start()
+        out = read_all(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out["drop_reason"] == reasons
+        assert peak < 40 << 20, (path, peak)  # under the document: max_bytes (10 MB) read at most, plus buffers
