@@ -361,16 +361,123 @@ def section_reader(warc: Path, repeat: int) -> None:
         print(f"  {kind:<8} " + " ".join(f"{r['pages_s']:.0f}" for r in rs))
 
 
+# --- pipeline: the interleaved kind end to end -------------------------------------------------------------------
+
+
+def section_pipeline(work: Path, n: int, cpus: int, sets: list[str]) -> None:
+    """--docs documents in OBELICS form (parquet), 1 to 4 images each from a local server (distinct 640x480 JPEGs),
+    through `mm1data run pipelines/interleaved.yaml` on a local Ray of `cpus`
+    CPUs: download and resize every image, the OBELICS preset, CLIP relevance (mm1data-tiny-clip, random weights),
+    dedup, shards. Documents/s and images/s per CPU over the whole run (Ray start included), driver and Ray worker
+    peak RSS. In a child process, so that Ray starts fresh with `cpus` CPUs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mm1data.demo import make_document  # English-like prose that OBELICS' text rules keep
+
+    rng = random.Random(1)
+    gen = np.random.default_rng(1)
+    rows, n_images = [], 0
+    for d in range(n):
+        texts, images = [], []
+        for j in range(rng.randint(1, 4)):
+            texts += [make_document(gen, rng.randint(3, 5)), None]
+            images += [None, f"/img/{d}/{j}.jpg"]
+            n_images += 1
+        texts.append(make_document(gen, 3))
+        images.append(None)
+        rows.append({"url": f"https://{rng.choice(SITES)}/doc/{d}", "texts": texts, "images": images})
+    inp = work / "docs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    out = work / "pipeline-out"
+    cmd = [sys.executable, __file__, "--side", "pipeline", "--warc", str(inp), "--cpus", str(cpus), "--out", str(out)]
+    cmd += [f"--set={s}" for s in sets]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split("RESULT ")[-1])
+    wall = res["wall_s"]
+    print(f"\npipeline: {n} documents, {n_images} images, Ray with {cpus} CPUs, whole run {wall:.1f} s")
+    print(f"  documents/s per CPU {n / wall / cpus:8.1f}   images/s per CPU {n_images / wall / cpus:8.1f}")
+    print(f"  kept {res['kept']} documents, {res['images']} images; funnel {json.dumps(res['funnel'])}")
+    print(f"  peak RSS: driver {res['driver_mib']:.0f} MiB; Ray workers {res['workers']}")
+
+
+def pipeline_side(inp: str, cpus: int, out: str, sets: list[str]) -> dict[str, Any]:
+    import resource
+    import shutil
+
+    import ray
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from common import PeakRSS
+
+    from mm1data.demo import ImageServer, Route, draw_image
+    from mm1data.pipelines import run_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    shutil.rmtree(out, ignore_errors=True)
+    gen = np.random.default_rng(0)
+    n_images = sum(1 for doc in pq.read_table(inp, columns=["images"])["images"].to_pylist() for u in doc if u)
+    pool = [draw_image(gen, (640, 480))[0] for _ in range(n_images)]  # distinct images: no image-set duplicates
+    with ImageServer() as srv:
+        t = pq.read_table(inp)
+        images = [[srv.url(u) if u else None for u in doc] for doc in t["images"].to_pylist()]
+        k = 0
+        for doc in images:
+            for u in doc:
+                if u:
+                    srv.routes[u.split(str(srv.port), 1)[1]] = Route(pool[k % len(pool)])
+                    k += 1
+        t = t.set_column(t.column_names.index("images"), "images", pa.array(images, pa.list_(pa.string())))
+        served = str(Path(inp).with_name("served.parquet"))
+        pq.write_table(t, served)
+        overrides = [
+            "download.allow_private_hosts=true",
+            "download.image_size=256",
+            "relevance.min=-1",
+            "relevance.model=mm1data-tiny-clip",
+            "relevance.pretrained=null",
+            "input.rows_per_unit=500",
+            *sets,
+        ]
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        with PeakRSS("ray::", new_only=False) as rss:
+            t0 = time.perf_counter()
+            index = run_pipeline(str(ROOT / "pipelines" / "interleaved.yaml"), served, out, overrides)
+            wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "kept": index["totals"]["samples"],
+        "images": index["totals"]["images"],
+        "funnel": {k: v for k, v in index["funnel"].items() if k in ("images", "paragraphs", "dropped")},
+        "driver_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workers": rss.result(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=2000, help="generated pages")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement (the best is kept)")
     p.add_argument("--real", help="a folder of real .html files to time the extractors on too")
-    p.add_argument("--sections", default="extractors,reader", help="comma-separated: extractors, reader")
+    p.add_argument(
+        "--sections", default="extractors,reader,pipeline", help="comma-separated: extractors, reader, pipeline"
+    )
+    p.add_argument("--docs", type=int, default=1000, help="documents for the pipeline section")
+    p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for the pipeline section")
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], help="run config override for the pipeline section")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one, removed)")
-    p.add_argument("--side", choices=("extract", "reader"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("extract", "reader", "pipeline"), help=argparse.SUPPRESS)
     p.add_argument("--warc", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.side == "pipeline":
+        print("RESULT " + json.dumps(pipeline_side(args.warc, args.cpus, args.out, args.set)))
+        return
     if args.side:
         print("RESULT " + json.dumps(side(args.side, args.warc)))
         return
@@ -395,6 +502,8 @@ def main() -> None:
             plain = work / "pages.warc"  # the same pages uncompressed: the reader's own cost without gunzip's
             write_warc(plain, args.n)
             section_reader(plain, args.repeat)
+        if "pipeline" in sections:
+            section_pipeline(work, args.docs, args.cpus, args.set)
     finally:
         if not args.keep:
             import shutil
