@@ -42,7 +42,8 @@ def members_of(path: str) -> dict[str, dict[str, bytes]]:
 def test_obelics_end_to_end(ray_session, tmp_path):
     """Every document's fate is planted: kept, an image 404 (removed, document kept), a logo in > 10 documents
     (removed everywhere), a document whose only image is that logo (dropped by doc_images), an image twice in a
-    document, the same URL twice, the same image set twice, lists of different lengths, 1,000 images."""
+    document, the same URL twice, the same image set twice, lists of different lengths, 1,000 images, a document
+    whose only image is a 404 (dropped by the doc_images filter, which runs after relevance)."""
     with ImageServer() as srv:
         for i in range(20):
             srv.routes[f"/i{i}.jpg"] = Route(jpeg(320, 240, seed=i))
@@ -67,6 +68,8 @@ def test_obelics_end_to_end(ray_session, tmp_path):
         rows.append({**rows[3], "url": "https://site.example/copy-of-3"})  # the same images: dup_image_set
         rows.append({"url": "https://bad/1", "texts": ["a", None], "images": [None]})  # lengths differ
         rows.append({"url": "https://bad/2", "texts": [None] * 1000, "images": [u(f"/x{i}.jpg") for i in range(1000)]})
+        rows.append({"url": "https://site.example/dead", "texts": ["Its only image is gone.", None],
+                     "images": [None, u("/gone.jpg")]})  # fmt: skip
         inp = tmp_path / "docs.parquet"
         pq.write_table(pa.Table.from_pylist(rows), inp, row_group_size=5)
         out = str(tmp_path / "out")
@@ -78,7 +81,8 @@ def test_obelics_end_to_end(ray_session, tmp_path):
     meta = {m["src_row"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
     reasons = {r: m["drop_reason"] for r, m in meta.items()}
     assert reasons == {**{r: "" for r in range(12)}, 12: "doc_images", 13: "dup_url", 14: "dup_image_set",
-                       15: "bad_segments", 16: "too_many_images"}  # fmt: skip
+                       15: "bad_segments", 16: "too_many_images", 17: "doc_images"}  # fmt: skip
+    assert meta[17]["seg_reason"] == ["", "http_404"] and meta[17]["doc_images"] == 0  # the late filter's score
     assert meta[1]["seg_reason"] == ["", "", "", "http_404"]
     assert meta[0]["seg_reason"] == ["", "", "", "dup_image_url"]
     assert meta[2]["seg_reason"] == ["", "", "", "dup_image_url", "dup_image_in_doc"]
@@ -91,7 +95,7 @@ def test_obelics_end_to_end(ray_session, tmp_path):
     assert doc0 == [(1, 0, True, ""), (3, -1, False, "dup_image_url")]
     assert {r["drop_reason"] for r in images if r["key"] == meta[13]["key"]} == {"dup_url"}
     assert sum(r["kept"] for r in images) == 12 == index["totals"]["images"]
-    assert index["funnel"]["images"]["kept"] == 12 and index["funnel"]["images_dropped"]["http_404"] == 1
+    assert index["funnel"]["images"]["kept"] == 12 and index["funnel"]["images_dropped"]["http_404"] == 2
     assert index["funnel"]["paragraphs"]["kept"] == 24 and index["totals"]["samples"] == 12
 
     paths = [os.path.join(out, s["path"]) for s in index["shards"]]
