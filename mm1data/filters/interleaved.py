@@ -16,8 +16,9 @@ numpy over the whole batch (each measure once per batch, shared by the filters t
   character (\\s: also "\\r", "\\f", "\\v", "\\x1c"-"\\x1f", "\\x85"), so "a\\rb" is two words (one in OBELICS);
 - OBELICS' special characters include the `emoji` package's emoji (emoji < 2, UNICODE_EMOJI["en"]); here the code
   points with Unicode's Emoji property (the `regex` module's \\p{Emoji}); only single code points ever matched there;
-- character 10-grams are compared by a 64-bit hash of the code points (a collision inside one document would merge
-  two 10-grams; odds ~ grams^2 / 2^64);
+- character 10-grams are compared by 40 bits of a 64-bit hash of their code points (a collision inside one text
+  would merge two 10-grams; odds ~ grams^2 / 2^41: 5e-5 for a 10,000-character text, and it moves the ratio by
+  about 1 / grams); at most 2^24 texts in a batch;
 - OBELICS splits a text node at "\\n\\n" into paragraphs and filters those; here a text position is the paragraph;
 - a paragraph (or document) with no words scores 0 on the word shares, as OBELICS; a share is never NaN.
 The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 stop words): OBELICS' thresholds
@@ -63,14 +64,14 @@ PUNCTUATION = ",;:?!."  # OBELICS' PUNCTUATION
 URL_WORDS = ("logo", "button", "icon", "plugin", "widget")  # OBELICS paper; its code adds porn, xxx, sex
 IMAGE_FORMATS = ("jpg", "jpeg", "png", "webp")
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multipliers of the character n-gram hash
-_ROW_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
+_MIX_MUL = np.uint64(0xBF58476D1CE4E5B9)
 
 
 @cache
-def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, re.Pattern[str]]:
-    """Per code point: OBELICS special character?, [\\w'] (a punctuation-split word character)?, punctuation?; and
-    the pattern of one OBELICS word (a whitespace-separated run with special characters stripped from both ends)."""
-    import regex  # Unicode properties (\p{Emoji}); a dependency of open_clip_torch as well
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per code point: OBELICS special character?, [\\w'] (a punctuation-split word character)?, punctuation?,
+    whitespace (str.split's)?"""
+    import regex  # Unicode properties (\p{Emoji})
 
     everything = "".join(map(chr, range(0x110000)))
     special = np.zeros(0x110000, dtype=bool)
@@ -81,18 +82,9 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, re.Pattern[str]]:
     wordchar[[m.start() for m in re.finditer(r"[\w']", everything)]] = True
     punct = np.zeros(0x110000, dtype=bool)
     punct[[ord(c) for c in PUNCTUATION]] = True
-    # special characters but whitespace, as a class of code point ranges
-    strip = special.copy()
-    strip[[m.start() for m in re.finditer(r"\s", everything)]] = False
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], strip.view(np.int8), [0]])))
-    cls = "".join(
-        re.escape(chr(a)) if b - a == 1 else f"{re.escape(chr(a))}-{re.escape(chr(b - 1))}"
-        for a, b in zip(edges[::2], edges[1::2])
-    )
-    # anchored at the start of a whitespace-separated run (no quadratic retries inside a run of specials); the
-    # group is the run without its leading and trailing special characters, nothing for a run of specials only
-    word = re.compile(rf"(?<!\S)[{cls}]*+([^\s{cls}](?:\S*[^\s{cls}])?)")
-    return special, wordchar, punct, word
+    space = np.zeros(0x110000, dtype=bool)
+    space[[m.start() for m in re.finditer(r"\s", everything)]] = True
+    return special, wordchar, punct, space
 
 
 def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,13 +117,27 @@ class ObelicsText:
     @cached_property
     def _words(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(vocabulary, word ids, row of each word): OBELICS' get_words_from_text (lowercase, special characters
-        stripped from both ends of each whitespace-separated run, empty runs dropped)."""
-        word = _tables()[3]
-        per_text = [word.findall(t.lower()) for t in self.texts]
+        stripped from both ends of each whitespace-separated run, empty runs dropped).
+
+        Found with numpy over the code points of all texts (lowercased, each ended by "\\n"): a word runs from the
+        first to the last character of a run that is neither whitespace nor special; only the words are sliced out.
+        """
+        special, _, _, space = _tables()
+        lower = [t.lower() for t in self.texts]
+        big = "".join(t + "\n" for t in lower)
+        codes = np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ends = np.cumsum(np.fromiter(map(len, lower), dtype=np.int64, count=self.n) + 1) - 1  # each text's "\n"
+        ws = space[codes]
+        run = np.cumsum(~ws & np.concatenate([[True], ws[:-1]]))  # the run of each character (ws: its last run's)
+        core = np.flatnonzero(~(special[codes] | ws))
+        r = run[core]
+        first = core[np.concatenate([[True], r[1:] != r[:-1]])] if len(core) else core
+        last = core[np.concatenate([r[1:] != r[:-1], [True]])] + 1 if len(core) else core
         ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
-        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=self.n)
-        tok = np.fromiter(map(ids.__getitem__, itertools.chain.from_iterable(per_text)), dtype=np.int64)
-        return list(ids), tok, np.repeat(np.arange(self.n), counts)
+        tok = np.fromiter(
+            map(ids.__getitem__, map(big.__getitem__, map(slice, first.tolist(), last.tolist()))), np.int64
+        )
+        return list(ids), tok, np.searchsorted(ends, first)
 
     @cached_property
     def words(self) -> np.ndarray:
@@ -165,25 +171,34 @@ class ObelicsText:
         m = len(codes) - n + 1
         if m <= 0:
             return np.zeros(self.n)
-        h = np.zeros(m, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            for j in range(n):
-                h = h * _HASH_MUL + codes[j : j + m].astype(np.uint64)
-            valid = np.arange(m) + n <= np.cumsum(lengths)[row[:m]]
-            grow = row[:m][valid]
-            ids, uniques = pd.factorize(h[valid] + grow.astype(np.uint64) * _ROW_MUL)
-        count = np.bincount(ids)
-        first = np.full(len(uniques), len(ids))
-        np.minimum.at(first, ids, np.arange(len(ids)))
-        id_row = grow[first]
+            h = codes[:m].astype(np.uint64)
+            for j in range(1, n):
+                h *= _HASH_MUL
+                h += codes[j : j + m]
+            h ^= h >> np.uint64(29)  # splitmix64's finalizer: every code point reaches the top bits
+            h *= _MIX_MUL
+            h ^= h >> np.uint64(32)
+        valid = np.arange(m) + n <= np.cumsum(lengths)[row[:m]]  # the n-gram stays in its text
+        grow = row[:m][valid]
+        if not len(grow):
+            return np.zeros(self.n)
+        # (row, top 40 bits of the hash) in one sorted uint64: equal n-grams of a row end up next to each other
+        key = np.sort((grow.astype(np.uint64) << np.uint64(40)) | (h[valid] >> np.uint64(24)))
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+        count = np.diff(np.append(starts, len(key)))
+        id_row = (key[starts] >> np.uint64(40)).astype(np.int64)
         distinct = np.bincount(id_row, minlength=self.n)
-        ones = np.bincount(id_row, weights=count == 1, minlength=self.n).astype(np.int64)
-        top = np.minimum(np.floor(np.sqrt(distinct)).astype(np.int64), distinct - ones)
-        order = np.lexsort((-count, id_row))  # by row, most frequent first
-        sorted_row = id_row[order]
-        rank = np.arange(len(order)) - (np.cumsum(distinct) - distinct)[sorted_row]
+        repeated = count > 1
+        top = np.minimum(np.floor(np.sqrt(distinct)).astype(np.int64), np.bincount(id_row[repeated], minlength=self.n))
+        # the most frequent `top` of each row's repeated n-grams
+        rep_row, rep_count = id_row[repeated], count[repeated]
+        order = np.lexsort((-rep_count, rep_row))
+        sorted_row = rep_row[order]
+        per_row = np.bincount(sorted_row, minlength=self.n)
+        rank = np.arange(len(order)) - (np.cumsum(per_row) - per_row)[sorted_row]
         keep = rank < top[sorted_row]
-        return _share(self._per_row(sorted_row[keep], count[order][keep]), self._per_row(grow))
+        return _share(self._per_row(sorted_row[keep], rep_count[order][keep]), self._per_row(grow))
 
     def special_share(self) -> np.ndarray:
         """compute_special_character_ratio: OBELICS special characters over all characters."""
@@ -410,9 +425,15 @@ class DocumentFilter(Filter):
             "\n\n".join(as_text(t) for t, s in zip(texts[d], seg[d]) if t is not None and s == "" and as_text(t))
             for d in alive
         ]
-        _, text = _DOCUMENTS.get(texts, lambda stored: stored == joined, lambda: (joined, ObelicsText(joined)))
+
+        def fits(stored: tuple[np.ndarray, list[str]]) -> bool:  # measured: every kept document, as it is now
+            docs, then = stored
+            where = np.minimum(np.searchsorted(docs, alive), max(len(docs) - 1, 0))
+            return len(docs) > 0 and bool((docs[where] == alive).all()) and [then[i] for i in where] == joined
+
+        (docs, _), text = _DOCUMENTS.get(texts, fits, lambda: ((alive, joined), ObelicsText(joined)))
         out = np.full(len(batch["drop_reason"]), np.nan)
-        out[alive] = self.measure(text, np.arange(len(alive)))
+        out[alive] = self.measure(text, np.searchsorted(docs, alive))
         return out
 
     def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
