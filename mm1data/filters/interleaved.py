@@ -16,9 +16,9 @@ numpy over the whole batch (each measure once per batch, shared by the filters t
   character (\\s: also "\\r", "\\f", "\\v", "\\x1c"-"\\x1f", "\\x85"), so "a\\rb" is two words (one in OBELICS);
 - OBELICS' special characters include the `emoji` package's emoji (emoji < 2, UNICODE_EMOJI["en"]); here the code
   points with Unicode's Emoji property (the `regex` module's \\p{Emoji}); only single code points ever matched there;
-- character 10-grams are compared by 40 bits of a 64-bit hash of their code points (a collision inside one text
-  would merge two 10-grams; odds ~ grams^2 / 2^41: 5e-5 for a 10,000-character text, and it moves the ratio by
-  about 1 / grams); at most 2^24 texts in a batch;
+- character 10-grams and word 5-grams are compared by 40 bits of a 64-bit hash (a collision inside one text would
+  merge two n-grams; odds ~ grams^2 / 2^41: 5e-5 for a 10,000-character text, and it moves the ratio by about
+  1 / grams); at most 2^24 texts in a batch;
 - OBELICS splits a text node at "\\n\\n" into paragraphs and filters those; here a text position is the paragraph;
 - a paragraph (or document) with no words scores 0 on the word shares, as OBELICS; a share is never NaN.
 The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 stop words): OBELICS' thresholds
@@ -28,10 +28,10 @@ The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 st
 from __future__ import annotations
 
 import itertools
+import operator
 import re
 import string
 import weakref
-from collections import defaultdict
 from functools import cache, cached_property
 from typing import Any, ClassVar
 
@@ -47,6 +47,9 @@ from mm1data.stage import Batch
 # OBELICS' standardize_whitespace: these become " " before any text measure
 OBELICS_SPACES = " \u2009\u200a\u202f\u2005\u3000\u2002 \u2008\u2003\ufffc\x84\xa0"
 _SPACES = str.maketrans(dict.fromkeys(OBELICS_SPACES, " "))
+_SPACES_RE = re.compile(
+    f"[{''.join(sorted(set(OBELICS_SPACES) - {' '}))}]"
+)  # all but " ": a text without any needs no translate (slow)
 # OBELICS' SPECIAL_CHARACTERS (obelics/utils/filtering_utils.py): ASCII punctuation, digits, whitespace, these, emoji
 OBELICS_OTHER_SPECIAL = (
     "\x92\u2009\x93\x97\u200a\x9d\x99\u202f\x96\u2005\x95\x91\x9c\u3000\u2002 \u2008\x98\x81\u2003\x82\ufffc\x83\x84"
@@ -94,6 +97,30 @@ def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes, np.repeat(np.arange(len(texts)), lengths), lengths
 
 
+def _ngram_keys(seq: np.ndarray, row: np.ndarray, end: np.ndarray, n: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-grams of `seq` (integers, each with its row and its row's end) that stay inside their row, as sorted keys
+    (row, top 40 bits of a 64-bit hash): equal n-grams of a row are neighbours, rows in order. And n-grams per row.
+
+    Two different n-grams of one row share a key with odds ~ grams^2 / 2^41 (5e-5 for 10,000 of them), which moves
+    a ratio by about 1 / grams; at most 2^24 rows.
+    """
+    m = len(seq) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(rows)
+    with np.errstate(over="ignore"):
+        h = seq[:m].astype(np.uint64)
+        for j in range(1, n):
+            h *= _HASH_MUL
+            h += seq[j : j + m].astype(np.uint64)
+        h ^= h >> np.uint64(29)  # splitmix64's finalizer: every element reaches the top bits
+        h *= _MIX_MUL
+        h ^= h >> np.uint64(32)
+    valid = np.arange(m) + n <= end[:m]
+    grow = row[:m][valid]
+    key = np.sort((grow.astype(np.uint64) << np.uint64(40)) | (h[valid] >> np.uint64(24)))
+    return key, np.bincount(grow, minlength=rows).astype(np.float64)
+
+
 def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, 0 where den is 0 (OBELICS returns 0 for a text without words or n-grams)."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
@@ -104,7 +131,7 @@ class ObelicsText:
     """OBELICS' text measures of a list of texts (paragraphs or documents), each computed once, on first use."""
 
     def __init__(self, texts: list[str]) -> None:
-        self.texts = [t.translate(_SPACES) for t in texts]
+        self.texts = [t.translate(_SPACES) if _SPACES_RE.search(t) else t for t in texts]
         self.n = len(texts)
 
     def _per_row(self, row: np.ndarray, weights: Any = None) -> np.ndarray:
@@ -123,21 +150,23 @@ class ObelicsText:
         first to the last character of a run that is neither whitespace nor special; only the words are sliced out.
         """
         special, _, _, space = _tables()
-        lower = [t.lower() for t in self.texts]
+        lower = [t.lower() for t in self.texts]  # may change lengths ("İ" is 2 characters lowercased)
         big = "".join(t + "\n" for t in lower)
         codes = np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        ends = np.cumsum(np.fromiter(map(len, lower), dtype=np.int64, count=self.n) + 1) - 1  # each text's "\n"
-        ws = space[codes]
-        run = np.cumsum(~ws & np.concatenate([[True], ws[:-1]]))  # the run of each character (ws: its last run's)
-        core = np.flatnonzero(~(special[codes] | ws))
-        r = run[core]
-        first = core[np.concatenate([[True], r[1:] != r[:-1]])] if len(core) else core
-        last = core[np.concatenate([r[1:] != r[:-1], [True]])] + 1 if len(core) else core
-        ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
-        tok = np.fromiter(
-            map(ids.__getitem__, map(big.__getitem__, map(slice, first.tolist(), last.tolist()))), np.int64
-        )
-        return list(ids), tok, np.searchsorted(ends, first)
+        breaks = np.cumsum(np.fromiter(map(len, lower), dtype=np.int64, count=self.n) + 1) - 1  # closing "\n"s
+        ws = np.concatenate([[True], space[codes], [True]])
+        starts = np.flatnonzero(~ws[1:-1] & ws[:-2])  # the whitespace-separated runs: str.split's pieces
+        ends = np.flatnonzero(~ws[1:-1] & ws[2:]) + 1
+        core = np.flatnonzero(~(special[codes] | ws[1:-1]))  # neither whitespace nor special
+        at = np.searchsorted(core, starts)
+        first = core[np.minimum(at, len(core) - 1)] if len(core) else starts
+        last = core[np.maximum(np.searchsorted(core, ends) - 1, 0)] + 1 if len(core) else ends
+        has = (at < len(core)) & (first < ends)  # a run of special characters only is no word
+        pieces = big.split()
+        for i in np.flatnonzero(has & ((first != starts) | (last != ends))).tolist():
+            pieces[i] = big[first[i] : last[i]]  # special characters stripped from the ends
+        tok, vocab = pd.factorize(np.array(pieces, dtype=object)[has]) if len(pieces) else (np.zeros(0, int), [])
+        return list(vocab), tok.astype(np.int64), np.searchsorted(breaks, starts[has])
 
     @cached_property
     def words(self) -> np.ndarray:
@@ -151,54 +180,39 @@ class ObelicsText:
 
     def word_repetition(self, n: int) -> np.ndarray:
         """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all
-        word n-grams of the text. n-gram ids are exact: the dense id of (previous (n-1)-gram id, next word)."""
-        vocab, tok, row = self._words
-        v = max(len(vocab), 1)
-        ids = pd.factorize(row.astype(np.int64) * v + tok)[0]
-        for j in range(1, n):
-            ids = pd.factorize(ids[:-1].astype(np.int64) * v + tok[j:])[0]
+        word n-grams of the text (n-grams compared by hash, as char_repetition)."""
+        _, tok, row = self._words
         ends = np.cumsum(self.words).astype(np.int64)
-        starts = np.arange(len(ids))
-        valid = starts + n <= ends[row[: len(ids)]]  # the n-gram stays in its text
-        ids, grams = ids[valid], row[: len(valid)][valid]
-        repeated = np.bincount(ids)[ids] > 1
-        return _share(self._per_row(grams, repeated), self._per_row(grams))
+        key, grams = _ngram_keys(tok, row, ends[row] if len(row) else row, n, self.n)
+        same = np.flatnonzero(key[1:] == key[:-1])
+        if not len(same):
+            return np.zeros(self.n)
+        key_row = (key[same] >> np.uint64(40)).astype(np.int64)
+        runs = np.concatenate([[True], same[1:] != same[:-1] + 1])  # one per repeated n-gram
+        # occurrences of repeated n-grams: per repeated n-gram, its count = (equal neighbours) + 1
+        return _share(self._per_row(key_row) + self._per_row(key_row[runs]), grams)
 
     def char_repetition(self, n: int) -> np.ndarray:
         """compute_character_repetition_ratio: over the text's character n-grams, counted once each, the counts of
         the floor(sqrt(distinct)) most frequent ones (fewer if fewer repeat) over all n-grams."""
         codes, row, lengths = self._chars
-        m = len(codes) - n + 1
-        if m <= 0:
-            return np.zeros(self.n)
-        with np.errstate(over="ignore"):
-            h = codes[:m].astype(np.uint64)
-            for j in range(1, n):
-                h *= _HASH_MUL
-                h += codes[j : j + m]
-            h ^= h >> np.uint64(29)  # splitmix64's finalizer: every code point reaches the top bits
-            h *= _MIX_MUL
-            h ^= h >> np.uint64(32)
-        valid = np.arange(m) + n <= np.cumsum(lengths)[row[:m]]  # the n-gram stays in its text
-        grow = row[:m][valid]
-        if not len(grow):
-            return np.zeros(self.n)
-        # (row, top 40 bits of the hash) in one sorted uint64: equal n-grams of a row end up next to each other
-        key = np.sort((grow.astype(np.uint64) << np.uint64(40)) | (h[valid] >> np.uint64(24)))
-        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-        count = np.diff(np.append(starts, len(key)))
-        id_row = (key[starts] >> np.uint64(40)).astype(np.int64)
-        distinct = np.bincount(id_row, minlength=self.n)
-        repeated = count > 1
-        top = np.minimum(np.floor(np.sqrt(distinct)).astype(np.int64), np.bincount(id_row[repeated], minlength=self.n))
+        key, grams = _ngram_keys(codes, row, np.cumsum(lengths)[row] if len(row) else row, n, self.n)
+        same = np.flatnonzero(key[1:] == key[:-1])  # i: key[i + 1] repeats key[i] (never across rows)
+        key_row = (key[same] >> np.uint64(40)).astype(np.int64)
+        distinct = grams - np.bincount(key_row, minlength=self.n)
+        # each repeated n-gram: a run of consecutive `same` indices; its count is the run's length + 1
+        first = np.concatenate([[True], same[1:] != same[:-1] + 1]) if len(same) else np.zeros(0, dtype=bool)
+        group = np.cumsum(first) - 1
+        rep_count = np.bincount(group) + 1 if len(same) else np.zeros(0, dtype=np.int64)
+        rep_row = key_row[first]
+        top = np.minimum(np.floor(np.sqrt(distinct)), np.bincount(rep_row, minlength=self.n))
         # the most frequent `top` of each row's repeated n-grams
-        rep_row, rep_count = id_row[repeated], count[repeated]
         order = np.lexsort((-rep_count, rep_row))
         sorted_row = rep_row[order]
         per_row = np.bincount(sorted_row, minlength=self.n)
         rank = np.arange(len(order)) - (np.cumsum(per_row) - per_row)[sorted_row]
         keep = rank < top[sorted_row]
-        return _share(self._per_row(sorted_row[keep], rep_count[order][keep]), self._per_row(grow))
+        return _share(self._per_row(sorted_row[keep], rep_count[order][keep]), grams)
 
     def special_share(self) -> np.ndarray:
         """compute_special_character_ratio: OBELICS special characters over all characters."""
@@ -241,8 +255,9 @@ class Positions:
         self.lengths = np.fromiter((len(values[d]) for d in self.alive), dtype=np.int64, count=len(self.alive))
         total = int(self.lengths.sum())
         flat_values = itertools.chain.from_iterable(values[d] for d in self.alive)
-        present = np.fromiter((v is not None for v in flat_values), dtype=bool, count=total)
-        kept = np.fromiter((s == "" for s in itertools.chain.from_iterable(seg[d] for d in self.alive)), bool, total)
+        present = np.fromiter(map(operator.is_not, flat_values, itertools.repeat(None)), dtype=bool, count=total)
+        flat_seg = itertools.chain.from_iterable(seg[d] for d in self.alive)
+        kept = np.fromiter(map("".__eq__, flat_seg), dtype=bool, count=total)
         self.flat = np.flatnonzero(present & kept)  # the scored positions, in the flattened layout
         self.doc = np.repeat(self.alive, self.lengths)[self.flat]  # the batch row of each
         self.at = self.flat - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)[self.flat]
