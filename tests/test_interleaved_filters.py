@@ -225,6 +225,16 @@ def test_columns_as_ray_gives_them_numpy_arrays_per_document():
     assert same(out["para_words"][0], [11, NAN, 2]) and out["doc_words"][0] == 11
 
 
+def test_document_without_position_lists_scores_nothing():
+    b = docs([CAT], [CAT], drop=["", "html_error"])
+    for col in ("texts", "images", "seg_reason"):
+        b[col][1] = None
+    out = run(b, FilterConfig("img_aspect"), FilterConfig("para_words"), FilterConfig("doc_words"))
+    out = run(out, FilterConfig("doc_images"))
+    assert out["para_words"][1] == [] and out["img_aspect"][1] == [] and np.isnan(out["doc_words"][1])
+    assert same(out["para_words"][0], [11]) and out["doc_images"][0] == 0
+
+
 def test_batches_do_not_share_measures():
     first = run(docs([CAT]), FilterConfig("para_words"), FilterConfig("doc_words"))
     second = run(docs([SHARE]), FilterConfig("para_words"), FilterConfig("doc_words"))

@@ -244,6 +244,11 @@ class ObelicsText:
 # ---- positions: a batch's kept positions, flattened ----
 
 
+def _seq(value: Any) -> Any:
+    """A document's per-position list (a list or an array); a missing one (None) as no positions."""
+    return () if value is None else value
+
+
 class Positions:
     """The positions of a batch's kept documents end to end, and which of them a position filter scores: those with
     a value in `column` (not None) and seg_reason "" (not removed yet)."""
@@ -252,11 +257,11 @@ class Positions:
         self.rows = len(batch["drop_reason"])
         self.alive = np.flatnonzero(batch["drop_reason"] == "")
         values, seg = batch[column], batch["seg_reason"]
-        self.lengths = np.fromiter((len(values[d]) for d in self.alive), dtype=np.int64, count=len(self.alive))
+        self.lengths = np.fromiter((len(_seq(values[d])) for d in self.alive), dtype=np.int64, count=len(self.alive))
         total = int(self.lengths.sum())
-        flat_values = itertools.chain.from_iterable(values[d] for d in self.alive)
+        flat_values = itertools.chain.from_iterable(_seq(values[d]) for d in self.alive)
         present = np.fromiter(map(operator.is_not, flat_values, itertools.repeat(None)), dtype=bool, count=total)
-        flat_seg = itertools.chain.from_iterable(seg[d] for d in self.alive)
+        flat_seg = itertools.chain.from_iterable(_seq(seg[d]) for d in self.alive)
         kept = np.fromiter(map("".__eq__, flat_seg), dtype=bool, count=total)
         self.flat = np.flatnonzero(present & kept)  # the scored positions, in the flattened layout
         self.doc = np.repeat(self.alive, self.lengths)[self.flat]  # the batch row of each
@@ -275,7 +280,7 @@ class Positions:
         full = np.full(int(self.lengths.sum()), np.nan)
         full[self.flat] = scores
         out = np.empty(self.rows, dtype=object)
-        lengths = [len(s) for s in batch["seg_reason"]]
+        lengths = [len(_seq(s)) for s in batch["seg_reason"]]
         for d in range(self.rows):
             out[d] = [float("nan")] * lengths[d]
         for d, part in zip(self.alive, np.split(full, np.cumsum(self.lengths)[:-1])):
@@ -417,7 +422,7 @@ class ParagraphFilter(Filter):
         def build() -> tuple[np.ndarray, ObelicsText]:
             offsets = np.full(pos.rows, -1, dtype=np.int64)
             offsets[pos.alive] = np.cumsum(pos.lengths) - pos.lengths
-            flat = itertools.chain.from_iterable(texts[d] for d in pos.alive)
+            flat = itertools.chain.from_iterable(_seq(texts[d]) for d in pos.alive)
             return offsets, ObelicsText([as_text(t) for t in flat])
 
         def covers(offsets: np.ndarray) -> bool:  # every kept document measured (documents are only ever dropped)
@@ -437,7 +442,9 @@ class DocumentFilter(Filter):
         alive = np.flatnonzero(batch["drop_reason"] == "")
         texts, seg = batch["texts"], batch["seg_reason"]
         joined = [
-            "\n\n".join(as_text(t) for t, s in zip(texts[d], seg[d]) if t is not None and s == "" and as_text(t))
+            "\n\n".join(
+                as_text(t) for t, s in zip(_seq(texts[d]), _seq(seg[d])) if t is not None and s == "" and as_text(t)
+            )
             for d in alive
         ]
 
@@ -599,7 +606,7 @@ class DocImagesFilter(Filter):
         alive = batch["drop_reason"] == ""
         return np.array(
             [
-                sum(u is not None and s == "" for u, s in zip(images[d], seg[d])) if alive[d] else np.nan
+                sum(u is not None and s == "" for u, s in zip(_seq(images[d]), _seq(seg[d]))) if alive[d] else np.nan
                 for d in range(len(alive))
             ],
             dtype=np.float64,
