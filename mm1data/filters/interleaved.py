@@ -108,10 +108,20 @@ def _ngram_keys(seq: np.ndarray, row: np.ndarray, end: np.ndarray, n: int, rows:
     if m <= 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(rows)
     with np.errstate(over="ignore"):
-        h = seq[:m].astype(np.uint64)
-        for j in range(1, n):
-            h *= _HASH_MUL
-            h += seq[j : j + m].astype(np.uint64)
+        # h[k] = sum_j seq[k + j] * MUL^(n - 1 - j) (mod 2^64), built by doubling: the hash of a 2g-gram is the
+        # g-gram's times MUL^g plus the next g-gram's, so n = 10 takes 4 combinations instead of 9
+        power = {1: (seq.astype(np.uint64), _HASH_MUL)}  # length -> (hashes of all n-grams of that length, MUL^len)
+        g = 1
+        while 2 * g <= n:
+            hg, mg = power[g]
+            power[2 * g] = (hg[: len(hg) - g] * mg + hg[g:], mg * mg)
+            g *= 2
+        h, done = None, 0
+        for g in sorted(power, reverse=True):
+            if done + g <= n:
+                hg, mg = power[g]
+                h = hg[done : done + m].copy() if h is None else h * mg + hg[done : done + m]
+                done += g
         h ^= h >> np.uint64(29)  # splitmix64's finalizer: every element reaches the top bits
         h *= _MIX_MUL
         h ^= h >> np.uint64(32)
@@ -125,6 +135,31 @@ def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, 0 where den is 0 (OBELICS returns 0 for a text without words or n-grams)."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return np.divide(num, den, out=np.zeros(num.shape), where=den != 0)
+
+
+def _word_repetition(tok: np.ndarray, row: np.ndarray, words: np.ndarray, n: int) -> np.ndarray:
+    """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all word
+    n-grams of the text (n-grams compared by hash). tok: word ids in text order, row: each word's row (ascending),
+    words: words per row."""
+    ends = np.cumsum(words).astype(np.int64)
+    key, grams = _ngram_keys(tok, row, ends[row] if len(row) else row, n, len(words))
+    same = np.flatnonzero(key[1:] == key[:-1])
+    if not len(same):
+        return np.zeros(len(words))
+    key_row = (key[same] >> np.uint64(40)).astype(np.int64)
+    runs = np.concatenate([[True], same[1:] != same[:-1] + 1])  # one per repeated n-gram
+    # occurrences of repeated n-grams: per repeated n-gram, its count = (equal neighbours) + 1
+    repeated = np.bincount(key_row, minlength=len(words)) + np.bincount(key_row[runs], minlength=len(words))
+    return _share(repeated, grams)
+
+
+def _punctuation_share(marks: np.ndarray, tokens: np.ndarray, min_tokens: int) -> np.ndarray:
+    """compute_punctuation_ratio: the share of marks among the tokens, 1 when there are fewer than min_tokens of them
+    (when min_tokens > 0), 0 without any."""
+    out = _share(marks, tokens)
+    if min_tokens > 0:
+        out[(tokens > 0) & (tokens < min_tokens)] = 1.0
+    return out
 
 
 class ObelicsText:
@@ -172,25 +207,18 @@ class ObelicsText:
     def words(self) -> np.ndarray:
         return self._per_row(self._words[2])
 
+    def word_hits(self, words: frozenset[str]) -> np.ndarray:
+        """How many of each row's words are in `words`."""
+        vocab, tok, row = self._words
+        return self._per_row(row, np.fromiter((w in words for w in vocab), dtype=bool, count=len(vocab))[tok])
+
     def word_share(self, words: frozenset[str]) -> np.ndarray:
         """Share of the words that are in `words` (compute_stopword_ratio, _flagged_word_ratio, spam_word_ratio)."""
-        vocab, tok, row = self._words
-        hit = np.fromiter((w in words for w in vocab), dtype=bool, count=len(vocab))[tok]
-        return _share(self._per_row(row, hit), self.words)
+        return _share(self.word_hits(words), self.words)
 
     def word_repetition(self, n: int) -> np.ndarray:
-        """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all
-        word n-grams of the text (n-grams compared by hash, as char_repetition)."""
         _, tok, row = self._words
-        ends = np.cumsum(self.words).astype(np.int64)
-        key, grams = _ngram_keys(tok, row, ends[row] if len(row) else row, n, self.n)
-        same = np.flatnonzero(key[1:] == key[:-1])
-        if not len(same):
-            return np.zeros(self.n)
-        key_row = (key[same] >> np.uint64(40)).astype(np.int64)
-        runs = np.concatenate([[True], same[1:] != same[:-1] + 1])  # one per repeated n-gram
-        # occurrences of repeated n-grams: per repeated n-gram, its count = (equal neighbours) + 1
-        return _share(self._per_row(key_row) + self._per_row(key_row[runs]), grams)
+        return _word_repetition(tok, row, self.words, n)
 
     def char_repetition(self, n: int) -> np.ndarray:
         """compute_character_repetition_ratio: over the text's character n-grams, counted once each, the counts of
@@ -214,25 +242,32 @@ class ObelicsText:
         keep = rank < top[sorted_row]
         return _share(self._per_row(sorted_row[keep], rep_count[order][keep]), grams)
 
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return self._chars[2].astype(np.float64)
+
+    @cached_property
+    def specials(self) -> np.ndarray:
+        codes, row, _ = self._chars
+        return self._per_row(row, _tables()[0][codes])
+
     def special_share(self) -> np.ndarray:
         """compute_special_character_ratio: OBELICS special characters over all characters."""
-        codes, row, lengths = self._chars
-        return _share(self._per_row(row, _tables()[0][codes]), lengths)
+        return _share(self.specials, self.lengths)
 
-    def punctuation_share(self, min_tokens: int) -> np.ndarray:
-        """compute_punctuation_ratio: the text split into [\\w']+ runs and single , ; : ? ! . marks; the share of
-        marks, 1 when there are fewer than min_tokens (when min_tokens > 0), 0 without any."""
+    @cached_property
+    def punctuation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(punctuation marks, tokens): the text split into [\\w']+ runs and single , ; : ? ! . marks."""
         codes, row, _ = self._chars
         _, wordchar, punct = _tables()[:3]
         w = wordchar[codes]
         starts = w.copy()
         starts[1:] &= ~w[:-1] | (row[1:] != row[:-1])
         marks = self._per_row(row, punct[codes])
-        tokens = self._per_row(row, starts) + marks
-        out = _share(marks, tokens)
-        if min_tokens > 0:
-            out[(tokens > 0) & (tokens < min_tokens)] = 1.0
-        return out
+        return marks, self._per_row(row, starts) + marks
+
+    def punctuation_share(self, min_tokens: int) -> np.ndarray:
+        return _punctuation_share(*self.punctuation, min_tokens)
 
     def lang(self, rows: np.ndarray, scorer: Any, languages: set[str]) -> np.ndarray:
         """compute_lang_id_pred_score: fasttext's top-1 probability on the lowercased text if the top-1 language is
@@ -242,6 +277,64 @@ class ObelicsText:
 
 
 # ---- positions: a batch's kept positions, flattened ----
+
+
+class DocText:
+    """OBELICS' measures of documents, each its kept paragraphs joined with "\\n\\n" (empty ones skipped, as
+    OBELICS' full_text). Words never span "\\n\\n", so word counts and shares, special characters (plus the 2 of
+    each join) and punctuation are sums of the paragraphs' measures; n-gram repetition and language id are measured
+    on the document (word n-grams on the paragraphs' word ids end to end, characters and language on the joined text).
+
+    para: the paragraphs' measures; rows: the kept paragraphs' rows in it, ascending; doc: each one's document
+    (0..docs-1, ascending).
+    """
+
+    def __init__(self, para: ObelicsText, rows: np.ndarray, doc: np.ndarray, docs: int) -> None:
+        self.para, self.rows, self.doc, self.n = para, rows, doc, docs
+
+    def _sum(self, per_paragraph: np.ndarray) -> np.ndarray:
+        return np.bincount(self.doc, weights=per_paragraph[self.rows], minlength=self.n)
+
+    @cached_property
+    def words(self) -> np.ndarray:
+        return self._sum(self.para.words)
+
+    def word_share(self, words: frozenset[str]) -> np.ndarray:
+        return _share(self._sum(self.para.word_hits(words)), self.words)
+
+    def word_repetition(self, n: int) -> np.ndarray:
+        _, tok, row = self.para._words
+        doc_of = np.full(self.para.n, -1, dtype=np.int64)
+        doc_of[self.rows] = self.doc
+        kept = doc_of[row] >= 0
+        return _word_repetition(tok[kept], doc_of[row[kept]], self.words, n)
+
+    @cached_property
+    def _joins(self) -> np.ndarray:  # characters the "\\n\\n" joins add per document
+        nonempty = np.bincount(self.doc, weights=self.para.lengths[self.rows] > 0, minlength=self.n)
+        return 2 * np.maximum(nonempty - 1, 0)
+
+    def special_share(self) -> np.ndarray:
+        return _share(self._sum(self.para.specials) + self._joins, self._sum(self.para.lengths) + self._joins)
+
+    def punctuation_share(self, min_tokens: int) -> np.ndarray:
+        marks, tokens = self.para.punctuation
+        return _punctuation_share(self._sum(marks), self._sum(tokens), min_tokens)
+
+    @cached_property
+    def joined(self) -> ObelicsText:
+        texts = self.para.texts
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        for r, d in zip(self.rows.tolist(), self.doc.tolist()):
+            if texts[r]:
+                parts[d].append(texts[r])
+        return ObelicsText(["\n\n".join(p) for p in parts])
+
+    def char_repetition(self, n: int) -> np.ndarray:
+        return self.joined.char_repetition(n)
+
+    def lang(self, rows: np.ndarray, scorer: Any, languages: set[str]) -> np.ndarray:
+        return self.joined.lang(rows, scorer, languages)
 
 
 def _seq(value: Any) -> Any:
@@ -398,7 +491,6 @@ class _Cache:
 
 
 _PARAGRAPHS = _Cache()
-_DOCUMENTS = _Cache()
 
 
 class ParagraphFilter(Filter):
@@ -430,7 +522,7 @@ class ParagraphFilter(Filter):
 
         return _PARAGRAPHS.get(texts, covers, build)
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         """Scores of text's rows `rows`."""
         raise NotImplementedError
 
@@ -439,26 +531,14 @@ class DocumentFilter(Filter):
     """Scores each kept document's kept paragraphs joined with "\\n\\n" (OBELICS' full_text: empty ones skipped)."""
 
     def score(self, batch: Batch) -> np.ndarray:
-        alive = np.flatnonzero(batch["drop_reason"] == "")
-        texts, seg = batch["texts"], batch["seg_reason"]
-        joined = [
-            "\n\n".join(
-                as_text(t) for t, s in zip(_seq(texts[d]), _seq(seg[d])) if t is not None and s == "" and as_text(t)
-            )
-            for d in alive
-        ]
-
-        def fits(stored: tuple[np.ndarray, list[str]]) -> bool:  # measured: every kept document, as it is now
-            docs, then = stored
-            where = np.minimum(np.searchsorted(docs, alive), max(len(docs) - 1, 0))
-            return len(docs) > 0 and bool((docs[where] == alive).all()) and [then[i] for i in where] == joined
-
-        (docs, _), text = _DOCUMENTS.get(texts, fits, lambda: ((alive, joined), ObelicsText(joined)))
-        out = np.full(len(batch["drop_reason"]), np.nan)
-        out[alive] = self.measure(text, np.searchsorted(docs, alive))
+        pos = Positions(batch, "texts")
+        offsets, para = ParagraphFilter._measured(batch, pos)
+        text = DocText(para, offsets[pos.doc] + pos.at, np.searchsorted(pos.alive, pos.doc), len(pos.alive))
+        out = np.full(pos.rows, np.nan)
+        out[pos.alive] = self.measure(text, np.arange(len(pos.alive)))
         return out
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -469,7 +549,7 @@ class _Words:
     """Words: OBELICS' get_words_from_text (lowercase, whitespace-separated, special characters stripped from the
     ends, empty ones dropped)."""
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.words[rows]
 
 
@@ -479,7 +559,7 @@ class _CharRepetition:
 
     params: ClassVar[dict[str, Any]] = {"n": 10}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.char_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -489,7 +569,7 @@ class _WordRepetition:
 
     params: ClassVar[dict[str, Any]] = {"n": 5}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.word_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -497,7 +577,7 @@ class _Special:
     """Share of characters that are OBELICS special characters (ASCII punctuation, digits, whitespace, its list of
     other symbols, emoji); 0 on empty text."""
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.special_share()[rows]
 
 
@@ -511,7 +591,7 @@ class _WordList:
         super().__init__(cfg)  # type: ignore[call-arg]
         self.words = frozenset(load_words(self.p["words_file"], default=self.default))  # type: ignore[attr-defined]
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.word_share(self.words)[rows]
 
 
@@ -540,7 +620,7 @@ class _Punctuation:
 
     params: ClassVar[dict[str, Any]] = {"min_tokens": 0}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.punctuation_share(int(self.p["min_tokens"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -557,7 +637,7 @@ class _Lang:
         self.languages = set(self.p["languages"])  # type: ignore[attr-defined]
         self.scorer = LangScorer(self.p["model"])  # type: ignore[attr-defined]
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.lang(rows, self.scorer, self.languages)
 
 
