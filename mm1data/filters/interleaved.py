@@ -104,6 +104,8 @@ def _ngram_keys(seq: np.ndarray, row: np.ndarray, end: np.ndarray, n: int, rows:
     Two different n-grams of one row share a key with odds ~ grams^2 / 2^41 (5e-5 for 10,000 of them), which moves
     a ratio by about 1 / grams; at most 2^24 rows.
     """
+    if rows >= 1 << 24:  # the row takes the key's top 24 bits
+        raise ValueError(f"{rows} texts in one batch: at most {1 << 24} (use smaller batches)")
     m = len(seq) - n + 1
     if m <= 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(rows)
