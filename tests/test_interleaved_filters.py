@@ -225,6 +225,16 @@ def test_columns_as_ray_gives_them_numpy_arrays_per_document():
     assert same(out["para_words"][0], [11, NAN, 2]) and out["doc_words"][0] == 11
 
 
+def test_document_without_position_lists_scores_nothing():
+    b = docs([CAT], [CAT], drop=["", "html_error"])
+    for col in ("texts", "images", "seg_reason"):
+        b[col][1] = None
+    out = run(b, FilterConfig("img_aspect"), FilterConfig("para_words"), FilterConfig("doc_words"))
+    out = run(out, FilterConfig("doc_images"))
+    assert out["para_words"][1] == [] and out["img_aspect"][1] == [] and np.isnan(out["doc_words"][1])
+    assert same(out["para_words"][0], [11]) and out["doc_images"][0] == 0
+
+
 def test_batches_do_not_share_measures():
     first = run(docs([CAT]), FilterConfig("para_words"), FilterConfig("doc_words"))
     second = run(docs([SHARE]), FilterConfig("para_words"), FilterConfig("doc_words"))
@@ -351,3 +361,45 @@ def test_obelics_preset_in_chain_order_and_keeps_a_clean_document():
     out = FilterChain(chain)(b)
     assert list(out["seg_reason"][0]) == ["", "", "", "para_words", "img_url_words"]
     assert list(out["drop_reason"]) == ["", "doc_words"]
+
+
+def test_document_measures_summed_from_paragraphs_equal_the_joined_text():
+    rng = random.Random(1)
+    pieces = ["The", "cat,", "sat", "on", "mat.", "share", "“x”", "10", "—", "ok?", "a", "porn", "\n", "😀", "and"]
+    documents, joined = [], []
+    for _ in range(60):
+        doc, kept = [], []
+        for _ in range(rng.randint(0, 6)):
+            if rng.random() < 0.2:
+                doc.append(("https://x.org/a.jpg", "jpeg", 300, 300))
+                continue
+            text = " ".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+            removed = rng.random() < 0.3
+            doc.append((text, "gone") if removed else text)
+            if not removed and text:
+                kept.append(text)
+        documents.append(doc)
+        joined.append("\n\n".join(kept))
+    b = docs(*[[p if isinstance(p, str) or p[0].startswith("https") else p[0] for p in d] for d in documents])
+    for d, doc in enumerate(documents):  # mark the removed paragraphs
+        for i, p in enumerate(doc):
+            if isinstance(p, tuple) and p[1] == "gone":
+                b["seg_reason"][d][i] = "para_test"
+    names = ["words", "char_rep", "word_rep", "special", "stop_words", "flagged_words", "spam_words", "punct"]
+    out = run(b, *(FilterConfig(f"doc_{n}") for n in names))
+    ref = ObelicsText(joined)
+    stop = frozenset(load_words(default="obelics_stopwords_en.txt"))
+    flagged = frozenset(load_words(default="obelics_flagged_en.txt"))
+    spam = frozenset(load_words(default="obelics_spam_en.txt"))
+    want = {
+        "words": ref.words,
+        "char_rep": ref.char_repetition(10),
+        "word_rep": ref.word_repetition(5),
+        "special": ref.special_share(),
+        "stop_words": ref.word_share(stop),
+        "flagged_words": ref.word_share(flagged),
+        "spam_words": ref.word_share(spam),
+        "punct": ref.punctuation_share(0),
+    }
+    for n in names:
+        np.testing.assert_allclose(out[f"doc_{n}"], want[n], rtol=1e-6, err_msg=n)

@@ -16,8 +16,9 @@ numpy over the whole batch (each measure once per batch, shared by the filters t
   character (\\s: also "\\r", "\\f", "\\v", "\\x1c"-"\\x1f", "\\x85"), so "a\\rb" is two words (one in OBELICS);
 - OBELICS' special characters include the `emoji` package's emoji (emoji < 2, UNICODE_EMOJI["en"]); here the code
   points with Unicode's Emoji property (the `regex` module's \\p{Emoji}); only single code points ever matched there;
-- character 10-grams are compared by a 64-bit hash of the code points (a collision inside one document would merge
-  two 10-grams; odds ~ grams^2 / 2^64);
+- character 10-grams and word 5-grams are compared by 40 bits of a 64-bit hash (a collision inside one text would
+  merge two n-grams; odds ~ grams^2 / 2^41: 5e-5 for a 10,000-character text, and it moves the ratio by about
+  1 / grams); at most 2^24 texts in a batch;
 - OBELICS splits a text node at "\\n\\n" into paragraphs and filters those; here a text position is the paragraph;
 - a paragraph (or document) with no words scores 0 on the word shares, as OBELICS; a share is never NaN.
 The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 stop words): OBELICS' thresholds
@@ -27,10 +28,10 @@ The text measures are OBELICS' own, not gopher.py's (spaCy tokens, Gopher's 8 st
 from __future__ import annotations
 
 import itertools
+import operator
 import re
 import string
 import weakref
-from collections import defaultdict
 from functools import cache, cached_property
 from typing import Any, ClassVar
 
@@ -46,6 +47,9 @@ from mm1data.stage import Batch
 # OBELICS' standardize_whitespace: these become " " before any text measure
 OBELICS_SPACES = " \u2009\u200a\u202f\u2005\u3000\u2002 \u2008\u2003\ufffc\x84\xa0"
 _SPACES = str.maketrans(dict.fromkeys(OBELICS_SPACES, " "))
+_SPACES_RE = re.compile(
+    f"[{''.join(sorted(set(OBELICS_SPACES) - {' '}))}]"
+)  # all but " ": a text without any needs no translate (slow)
 # OBELICS' SPECIAL_CHARACTERS (obelics/utils/filtering_utils.py): ASCII punctuation, digits, whitespace, these, emoji
 OBELICS_OTHER_SPECIAL = (
     "\x92\u2009\x93\x97\u200a\x9d\x99\u202f\x96\u2005\x95\x91\x9c\u3000\u2002 \u2008\x98\x81\u2003\x82\ufffc\x83\x84"
@@ -63,14 +67,14 @@ PUNCTUATION = ",;:?!."  # OBELICS' PUNCTUATION
 URL_WORDS = ("logo", "button", "icon", "plugin", "widget")  # OBELICS paper; its code adds porn, xxx, sex
 IMAGE_FORMATS = ("jpg", "jpeg", "png", "webp")
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multipliers of the character n-gram hash
-_ROW_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
+_MIX_MUL = np.uint64(0xBF58476D1CE4E5B9)
 
 
 @cache
-def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, re.Pattern[str]]:
-    """Per code point: OBELICS special character?, [\\w'] (a punctuation-split word character)?, punctuation?; and
-    the pattern of one OBELICS word (a whitespace-separated run with special characters stripped from both ends)."""
-    import regex  # Unicode properties (\p{Emoji}); a dependency of open_clip_torch as well
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per code point: OBELICS special character?, [\\w'] (a punctuation-split word character)?, punctuation?,
+    whitespace (str.split's)?"""
+    import regex  # Unicode properties (\p{Emoji})
 
     everything = "".join(map(chr, range(0x110000)))
     special = np.zeros(0x110000, dtype=bool)
@@ -81,18 +85,9 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, re.Pattern[str]]:
     wordchar[[m.start() for m in re.finditer(r"[\w']", everything)]] = True
     punct = np.zeros(0x110000, dtype=bool)
     punct[[ord(c) for c in PUNCTUATION]] = True
-    # special characters but whitespace, as a class of code point ranges
-    strip = special.copy()
-    strip[[m.start() for m in re.finditer(r"\s", everything)]] = False
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], strip.view(np.int8), [0]])))
-    cls = "".join(
-        re.escape(chr(a)) if b - a == 1 else f"{re.escape(chr(a))}-{re.escape(chr(b - 1))}"
-        for a, b in zip(edges[::2], edges[1::2])
-    )
-    # anchored at the start of a whitespace-separated run (no quadratic retries inside a run of specials); the
-    # group is the run without its leading and trailing special characters, nothing for a run of specials only
-    word = re.compile(rf"(?<!\S)[{cls}]*+([^\s{cls}](?:\S*[^\s{cls}])?)")
-    return special, wordchar, punct, word
+    space = np.zeros(0x110000, dtype=bool)
+    space[[m.start() for m in re.finditer(r"\s", everything)]] = True
+    return special, wordchar, punct, space
 
 
 def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,17 +97,78 @@ def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes, np.repeat(np.arange(len(texts)), lengths), lengths
 
 
+def _ngram_keys(seq: np.ndarray, row: np.ndarray, end: np.ndarray, n: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-grams of `seq` (integers, each with its row and its row's end) that stay inside their row, as sorted keys
+    (row, top 40 bits of a 64-bit hash): equal n-grams of a row are neighbours, rows in order. And n-grams per row.
+
+    Two different n-grams of one row share a key with odds ~ grams^2 / 2^41 (5e-5 for 10,000 of them), which moves
+    a ratio by about 1 / grams; at most 2^24 rows.
+    """
+    if rows >= 1 << 24:  # the row takes the key's top 24 bits
+        raise ValueError(f"{rows} texts in one batch: at most {1 << 24} (use smaller batches)")
+    m = len(seq) - n + 1
+    if m <= 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(rows)
+    with np.errstate(over="ignore"):
+        # h[k] = sum_j seq[k + j] * MUL^(n - 1 - j) (mod 2^64), built by doubling: the hash of a 2g-gram is the
+        # g-gram's times MUL^g plus the next g-gram's, so n = 10 takes 4 combinations instead of 9
+        power = {1: (seq.astype(np.uint64), _HASH_MUL)}  # length -> (hashes of all n-grams of that length, MUL^len)
+        g = 1
+        while 2 * g <= n:
+            hg, mg = power[g]
+            power[2 * g] = (hg[: len(hg) - g] * mg + hg[g:], mg * mg)
+            g *= 2
+        h, done = None, 0
+        for g in sorted(power, reverse=True):
+            if done + g <= n:
+                hg, mg = power[g]
+                h = hg[done : done + m].copy() if h is None else h * mg + hg[done : done + m]
+                done += g
+        h ^= h >> np.uint64(29)  # splitmix64's finalizer: every element reaches the top bits
+        h *= _MIX_MUL
+        h ^= h >> np.uint64(32)
+    valid = np.arange(m) + n <= end[:m]
+    grow = row[:m][valid]
+    key = np.sort((grow.astype(np.uint64) << np.uint64(40)) | (h[valid] >> np.uint64(24)))
+    return key, np.bincount(grow, minlength=rows).astype(np.float64)
+
+
 def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, 0 where den is 0 (OBELICS returns 0 for a text without words or n-grams)."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return np.divide(num, den, out=np.zeros(num.shape), where=den != 0)
 
 
+def _word_repetition(tok: np.ndarray, row: np.ndarray, words: np.ndarray, n: int) -> np.ndarray:
+    """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all word
+    n-grams of the text (n-grams compared by hash). tok: word ids in text order, row: each word's row (ascending),
+    words: words per row."""
+    ends = np.cumsum(words).astype(np.int64)
+    key, grams = _ngram_keys(tok, row, ends[row] if len(row) else row, n, len(words))
+    same = np.flatnonzero(key[1:] == key[:-1])
+    if not len(same):
+        return np.zeros(len(words))
+    key_row = (key[same] >> np.uint64(40)).astype(np.int64)
+    runs = np.concatenate([[True], same[1:] != same[:-1] + 1])  # one per repeated n-gram
+    # occurrences of repeated n-grams: per repeated n-gram, its count = (equal neighbours) + 1
+    repeated = np.bincount(key_row, minlength=len(words)) + np.bincount(key_row[runs], minlength=len(words))
+    return _share(repeated, grams)
+
+
+def _punctuation_share(marks: np.ndarray, tokens: np.ndarray, min_tokens: int) -> np.ndarray:
+    """compute_punctuation_ratio: the share of marks among the tokens, 1 when there are fewer than min_tokens of them
+    (when min_tokens > 0), 0 without any."""
+    out = _share(marks, tokens)
+    if min_tokens > 0:
+        out[(tokens > 0) & (tokens < min_tokens)] = 1.0
+    return out
+
+
 class ObelicsText:
     """OBELICS' text measures of a list of texts (paragraphs or documents), each computed once, on first use."""
 
     def __init__(self, texts: list[str]) -> None:
-        self.texts = [t.translate(_SPACES) for t in texts]
+        self.texts = [t.translate(_SPACES) if _SPACES_RE.search(t) else t for t in texts]
         self.n = len(texts)
 
     def _per_row(self, row: np.ndarray, weights: Any = None) -> np.ndarray:
@@ -125,85 +181,95 @@ class ObelicsText:
     @cached_property
     def _words(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(vocabulary, word ids, row of each word): OBELICS' get_words_from_text (lowercase, special characters
-        stripped from both ends of each whitespace-separated run, empty runs dropped)."""
-        word = _tables()[3]
-        per_text = [word.findall(t.lower()) for t in self.texts]
-        ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)
-        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=self.n)
-        tok = np.fromiter(map(ids.__getitem__, itertools.chain.from_iterable(per_text)), dtype=np.int64)
-        return list(ids), tok, np.repeat(np.arange(self.n), counts)
+        stripped from both ends of each whitespace-separated run, empty runs dropped).
+
+        Found with numpy over the code points of all texts (lowercased, each ended by "\\n"): a word runs from the
+        first to the last character of a run that is neither whitespace nor special; only the words are sliced out.
+        """
+        special, _, _, space = _tables()
+        lower = [t.lower() for t in self.texts]  # may change lengths ("İ" is 2 characters lowercased)
+        big = "".join(t + "\n" for t in lower)
+        codes = np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        breaks = np.cumsum(np.fromiter(map(len, lower), dtype=np.int64, count=self.n) + 1) - 1  # closing "\n"s
+        ws = np.concatenate([[True], space[codes], [True]])
+        starts = np.flatnonzero(~ws[1:-1] & ws[:-2])  # the whitespace-separated runs: str.split's pieces
+        ends = np.flatnonzero(~ws[1:-1] & ws[2:]) + 1
+        core = np.flatnonzero(~(special[codes] | ws[1:-1]))  # neither whitespace nor special
+        at = np.searchsorted(core, starts)
+        first = core[np.minimum(at, len(core) - 1)] if len(core) else starts
+        last = core[np.maximum(np.searchsorted(core, ends) - 1, 0)] + 1 if len(core) else ends
+        has = (at < len(core)) & (first < ends)  # a run of special characters only is no word
+        pieces = big.split()
+        for i in np.flatnonzero(has & ((first != starts) | (last != ends))).tolist():
+            pieces[i] = big[first[i] : last[i]]  # special characters stripped from the ends
+        tok, vocab = pd.factorize(np.array(pieces, dtype=object)[has]) if len(pieces) else (np.zeros(0, int), [])
+        return list(vocab), tok.astype(np.int64), np.searchsorted(breaks, starts[has])
 
     @cached_property
     def words(self) -> np.ndarray:
         return self._per_row(self._words[2])
 
+    def word_hits(self, words: frozenset[str]) -> np.ndarray:
+        """How many of each row's words are in `words`."""
+        vocab, tok, row = self._words
+        return self._per_row(row, np.fromiter((w in words for w in vocab), dtype=bool, count=len(vocab))[tok])
+
     def word_share(self, words: frozenset[str]) -> np.ndarray:
         """Share of the words that are in `words` (compute_stopword_ratio, _flagged_word_ratio, spam_word_ratio)."""
-        vocab, tok, row = self._words
-        hit = np.fromiter((w in words for w in vocab), dtype=bool, count=len(vocab))[tok]
-        return _share(self._per_row(row, hit), self.words)
+        return _share(self.word_hits(words), self.words)
 
     def word_repetition(self, n: int) -> np.ndarray:
-        """compute_word_repetition_ratio: word n-grams that occur more than once (every occurrence counted) over all
-        word n-grams of the text. n-gram ids are exact: the dense id of (previous (n-1)-gram id, next word)."""
-        vocab, tok, row = self._words
-        v = max(len(vocab), 1)
-        ids = pd.factorize(row.astype(np.int64) * v + tok)[0]
-        for j in range(1, n):
-            ids = pd.factorize(ids[:-1].astype(np.int64) * v + tok[j:])[0]
-        ends = np.cumsum(self.words).astype(np.int64)
-        starts = np.arange(len(ids))
-        valid = starts + n <= ends[row[: len(ids)]]  # the n-gram stays in its text
-        ids, grams = ids[valid], row[: len(valid)][valid]
-        repeated = np.bincount(ids)[ids] > 1
-        return _share(self._per_row(grams, repeated), self._per_row(grams))
+        _, tok, row = self._words
+        return _word_repetition(tok, row, self.words, n)
 
     def char_repetition(self, n: int) -> np.ndarray:
         """compute_character_repetition_ratio: over the text's character n-grams, counted once each, the counts of
         the floor(sqrt(distinct)) most frequent ones (fewer if fewer repeat) over all n-grams."""
         codes, row, lengths = self._chars
-        m = len(codes) - n + 1
-        if m <= 0:
-            return np.zeros(self.n)
-        h = np.zeros(m, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(n):
-                h = h * _HASH_MUL + codes[j : j + m].astype(np.uint64)
-            valid = np.arange(m) + n <= np.cumsum(lengths)[row[:m]]
-            grow = row[:m][valid]
-            ids, uniques = pd.factorize(h[valid] + grow.astype(np.uint64) * _ROW_MUL)
-        count = np.bincount(ids)
-        first = np.full(len(uniques), len(ids))
-        np.minimum.at(first, ids, np.arange(len(ids)))
-        id_row = grow[first]
-        distinct = np.bincount(id_row, minlength=self.n)
-        ones = np.bincount(id_row, weights=count == 1, minlength=self.n).astype(np.int64)
-        top = np.minimum(np.floor(np.sqrt(distinct)).astype(np.int64), distinct - ones)
-        order = np.lexsort((-count, id_row))  # by row, most frequent first
-        sorted_row = id_row[order]
-        rank = np.arange(len(order)) - (np.cumsum(distinct) - distinct)[sorted_row]
+        key, grams = _ngram_keys(codes, row, np.cumsum(lengths)[row] if len(row) else row, n, self.n)
+        same = np.flatnonzero(key[1:] == key[:-1])  # i: key[i + 1] repeats key[i] (never across rows)
+        key_row = (key[same] >> np.uint64(40)).astype(np.int64)
+        distinct = grams - np.bincount(key_row, minlength=self.n)
+        # each repeated n-gram: a run of consecutive `same` indices; its count is the run's length + 1
+        first = np.concatenate([[True], same[1:] != same[:-1] + 1]) if len(same) else np.zeros(0, dtype=bool)
+        group = np.cumsum(first) - 1
+        rep_count = np.bincount(group) + 1 if len(same) else np.zeros(0, dtype=np.int64)
+        rep_row = key_row[first]
+        top = np.minimum(np.floor(np.sqrt(distinct)), np.bincount(rep_row, minlength=self.n))
+        # the most frequent `top` of each row's repeated n-grams
+        order = np.lexsort((-rep_count, rep_row))
+        sorted_row = rep_row[order]
+        per_row = np.bincount(sorted_row, minlength=self.n)
+        rank = np.arange(len(order)) - (np.cumsum(per_row) - per_row)[sorted_row]
         keep = rank < top[sorted_row]
-        return _share(self._per_row(sorted_row[keep], count[order][keep]), self._per_row(grow))
+        return _share(self._per_row(sorted_row[keep], rep_count[order][keep]), grams)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        return self._chars[2].astype(np.float64)
+
+    @cached_property
+    def specials(self) -> np.ndarray:
+        codes, row, _ = self._chars
+        return self._per_row(row, _tables()[0][codes])
 
     def special_share(self) -> np.ndarray:
         """compute_special_character_ratio: OBELICS special characters over all characters."""
-        codes, row, lengths = self._chars
-        return _share(self._per_row(row, _tables()[0][codes]), lengths)
+        return _share(self.specials, self.lengths)
 
-    def punctuation_share(self, min_tokens: int) -> np.ndarray:
-        """compute_punctuation_ratio: the text split into [\\w']+ runs and single , ; : ? ! . marks; the share of
-        marks, 1 when there are fewer than min_tokens (when min_tokens > 0), 0 without any."""
+    @cached_property
+    def punctuation(self) -> tuple[np.ndarray, np.ndarray]:
+        """(punctuation marks, tokens): the text split into [\\w']+ runs and single , ; : ? ! . marks."""
         codes, row, _ = self._chars
         _, wordchar, punct = _tables()[:3]
         w = wordchar[codes]
         starts = w.copy()
         starts[1:] &= ~w[:-1] | (row[1:] != row[:-1])
         marks = self._per_row(row, punct[codes])
-        tokens = self._per_row(row, starts) + marks
-        out = _share(marks, tokens)
-        if min_tokens > 0:
-            out[(tokens > 0) & (tokens < min_tokens)] = 1.0
-        return out
+        return marks, self._per_row(row, starts) + marks
+
+    def punctuation_share(self, min_tokens: int) -> np.ndarray:
+        return _punctuation_share(*self.punctuation, min_tokens)
 
     def lang(self, rows: np.ndarray, scorer: Any, languages: set[str]) -> np.ndarray:
         """compute_lang_id_pred_score: fasttext's top-1 probability on the lowercased text if the top-1 language is
@@ -215,6 +281,69 @@ class ObelicsText:
 # ---- positions: a batch's kept positions, flattened ----
 
 
+class DocText:
+    """OBELICS' measures of documents, each its kept paragraphs joined with "\\n\\n" (empty ones skipped, as
+    OBELICS' full_text). Words never span "\\n\\n", so word counts and shares, special characters (plus the 2 of
+    each join) and punctuation are sums of the paragraphs' measures; n-gram repetition and language id are measured
+    on the document (word n-grams on the paragraphs' word ids end to end, characters and language on the joined text).
+
+    para: the paragraphs' measures; rows: the kept paragraphs' rows in it, ascending; doc: each one's document
+    (0..docs-1, ascending).
+    """
+
+    def __init__(self, para: ObelicsText, rows: np.ndarray, doc: np.ndarray, docs: int) -> None:
+        self.para, self.rows, self.doc, self.n = para, rows, doc, docs
+
+    def _sum(self, per_paragraph: np.ndarray) -> np.ndarray:
+        return np.bincount(self.doc, weights=per_paragraph[self.rows], minlength=self.n)
+
+    @cached_property
+    def words(self) -> np.ndarray:
+        return self._sum(self.para.words)
+
+    def word_share(self, words: frozenset[str]) -> np.ndarray:
+        return _share(self._sum(self.para.word_hits(words)), self.words)
+
+    def word_repetition(self, n: int) -> np.ndarray:
+        _, tok, row = self.para._words
+        doc_of = np.full(self.para.n, -1, dtype=np.int64)
+        doc_of[self.rows] = self.doc
+        kept = doc_of[row] >= 0
+        return _word_repetition(tok[kept], doc_of[row[kept]], self.words, n)
+
+    @cached_property
+    def _joins(self) -> np.ndarray:  # characters the "\\n\\n" joins add per document
+        nonempty = np.bincount(self.doc, weights=self.para.lengths[self.rows] > 0, minlength=self.n)
+        return 2 * np.maximum(nonempty - 1, 0)
+
+    def special_share(self) -> np.ndarray:
+        return _share(self._sum(self.para.specials) + self._joins, self._sum(self.para.lengths) + self._joins)
+
+    def punctuation_share(self, min_tokens: int) -> np.ndarray:
+        marks, tokens = self.para.punctuation
+        return _punctuation_share(self._sum(marks), self._sum(tokens), min_tokens)
+
+    @cached_property
+    def joined(self) -> ObelicsText:
+        texts = self.para.texts
+        parts: list[list[str]] = [[] for _ in range(self.n)]
+        for r, d in zip(self.rows.tolist(), self.doc.tolist()):
+            if texts[r]:
+                parts[d].append(texts[r])
+        return ObelicsText(["\n\n".join(p) for p in parts])
+
+    def char_repetition(self, n: int) -> np.ndarray:
+        return self.joined.char_repetition(n)
+
+    def lang(self, rows: np.ndarray, scorer: Any, languages: set[str]) -> np.ndarray:
+        return self.joined.lang(rows, scorer, languages)
+
+
+def _seq(value: Any) -> Any:
+    """A document's per-position list (a list or an array); a missing one (None) as no positions."""
+    return () if value is None else value
+
+
 class Positions:
     """The positions of a batch's kept documents end to end, and which of them a position filter scores: those with
     a value in `column` (not None) and seg_reason "" (not removed yet)."""
@@ -223,11 +352,12 @@ class Positions:
         self.rows = len(batch["drop_reason"])
         self.alive = np.flatnonzero(batch["drop_reason"] == "")
         values, seg = batch[column], batch["seg_reason"]
-        self.lengths = np.fromiter((len(values[d]) for d in self.alive), dtype=np.int64, count=len(self.alive))
+        self.lengths = np.fromiter((len(_seq(values[d])) for d in self.alive), dtype=np.int64, count=len(self.alive))
         total = int(self.lengths.sum())
-        flat_values = itertools.chain.from_iterable(values[d] for d in self.alive)
-        present = np.fromiter((v is not None for v in flat_values), dtype=bool, count=total)
-        kept = np.fromiter((s == "" for s in itertools.chain.from_iterable(seg[d] for d in self.alive)), bool, total)
+        flat_values = itertools.chain.from_iterable(_seq(values[d]) for d in self.alive)
+        present = np.fromiter(map(operator.is_not, flat_values, itertools.repeat(None)), dtype=bool, count=total)
+        flat_seg = itertools.chain.from_iterable(_seq(seg[d]) for d in self.alive)
+        kept = np.fromiter(map("".__eq__, flat_seg), dtype=bool, count=total)
         self.flat = np.flatnonzero(present & kept)  # the scored positions, in the flattened layout
         self.doc = np.repeat(self.alive, self.lengths)[self.flat]  # the batch row of each
         self.at = self.flat - np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)[self.flat]
@@ -245,7 +375,7 @@ class Positions:
         full = np.full(int(self.lengths.sum()), np.nan)
         full[self.flat] = scores
         out = np.empty(self.rows, dtype=object)
-        lengths = [len(s) for s in batch["seg_reason"]]
+        lengths = [len(_seq(s)) for s in batch["seg_reason"]]
         for d in range(self.rows):
             out[d] = [float("nan")] * lengths[d]
         for d, part in zip(self.alive, np.split(full, np.cumsum(self.lengths)[:-1])):
@@ -363,7 +493,6 @@ class _Cache:
 
 
 _PARAGRAPHS = _Cache()
-_DOCUMENTS = _Cache()
 
 
 class ParagraphFilter(Filter):
@@ -387,7 +516,7 @@ class ParagraphFilter(Filter):
         def build() -> tuple[np.ndarray, ObelicsText]:
             offsets = np.full(pos.rows, -1, dtype=np.int64)
             offsets[pos.alive] = np.cumsum(pos.lengths) - pos.lengths
-            flat = itertools.chain.from_iterable(texts[d] for d in pos.alive)
+            flat = itertools.chain.from_iterable(_seq(texts[d]) for d in pos.alive)
             return offsets, ObelicsText([as_text(t) for t in flat])
 
         def covers(offsets: np.ndarray) -> bool:  # every kept document measured (documents are only ever dropped)
@@ -395,7 +524,7 @@ class ParagraphFilter(Filter):
 
         return _PARAGRAPHS.get(texts, covers, build)
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         """Scores of text's rows `rows`."""
         raise NotImplementedError
 
@@ -404,18 +533,14 @@ class DocumentFilter(Filter):
     """Scores each kept document's kept paragraphs joined with "\\n\\n" (OBELICS' full_text: empty ones skipped)."""
 
     def score(self, batch: Batch) -> np.ndarray:
-        alive = np.flatnonzero(batch["drop_reason"] == "")
-        texts, seg = batch["texts"], batch["seg_reason"]
-        joined = [
-            "\n\n".join(as_text(t) for t, s in zip(texts[d], seg[d]) if t is not None and s == "" and as_text(t))
-            for d in alive
-        ]
-        _, text = _DOCUMENTS.get(texts, lambda stored: stored == joined, lambda: (joined, ObelicsText(joined)))
-        out = np.full(len(batch["drop_reason"]), np.nan)
-        out[alive] = self.measure(text, np.arange(len(alive)))
+        pos = Positions(batch, "texts")
+        offsets, para = ParagraphFilter._measured(batch, pos)
+        text = DocText(para, offsets[pos.doc] + pos.at, np.searchsorted(pos.alive, pos.doc), len(pos.alive))
+        out = np.full(pos.rows, np.nan)
+        out[pos.alive] = self.measure(text, np.arange(len(pos.alive)))
         return out
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -426,7 +551,7 @@ class _Words:
     """Words: OBELICS' get_words_from_text (lowercase, whitespace-separated, special characters stripped from the
     ends, empty ones dropped)."""
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.words[rows]
 
 
@@ -436,7 +561,7 @@ class _CharRepetition:
 
     params: ClassVar[dict[str, Any]] = {"n": 10}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.char_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -446,7 +571,7 @@ class _WordRepetition:
 
     params: ClassVar[dict[str, Any]] = {"n": 5}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.word_repetition(int(self.p["n"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -454,7 +579,7 @@ class _Special:
     """Share of characters that are OBELICS special characters (ASCII punctuation, digits, whitespace, its list of
     other symbols, emoji); 0 on empty text."""
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.special_share()[rows]
 
 
@@ -468,7 +593,7 @@ class _WordList:
         super().__init__(cfg)  # type: ignore[call-arg]
         self.words = frozenset(load_words(self.p["words_file"], default=self.default))  # type: ignore[attr-defined]
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.word_share(self.words)[rows]
 
 
@@ -497,7 +622,7 @@ class _Punctuation:
 
     params: ClassVar[dict[str, Any]] = {"min_tokens": 0}
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.punctuation_share(int(self.p["min_tokens"]))[rows]  # type: ignore[attr-defined]
 
 
@@ -514,7 +639,7 @@ class _Lang:
         self.languages = set(self.p["languages"])  # type: ignore[attr-defined]
         self.scorer = LangScorer(self.p["model"])  # type: ignore[attr-defined]
 
-    def measure(self, text: ObelicsText, rows: np.ndarray) -> np.ndarray:
+    def measure(self, text: Any, rows: np.ndarray) -> np.ndarray:
         return text.lang(rows, self.scorer, self.languages)
 
 
@@ -563,7 +688,7 @@ class DocImagesFilter(Filter):
         alive = batch["drop_reason"] == ""
         return np.array(
             [
-                sum(u is not None and s == "" for u, s in zip(images[d], seg[d])) if alive[d] else np.nan
+                sum(u is not None and s == "" for u, s in zip(_seq(images[d]), _seq(seg[d]))) if alive[d] else np.nan
                 for d in range(len(alive))
             ],
             dtype=np.float64,
