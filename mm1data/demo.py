@@ -46,6 +46,7 @@ class Route:
     delay_s: float = 0.0  # before answering (a slow or hanging server)
     fail_first: int = 0  # answer 500 this many times, then succeed
     hits: int = 0
+    request_headers: dict[str, str] = field(default_factory=dict)  # of the last request
 
 
 class ImageServer:
@@ -68,6 +69,7 @@ class ImageServer:
                     self._send(404, b"not found", {"Content-Type": "text/plain"})
                     return
                 route.hits += 1
+                route.request_headers = dict(self.headers)
                 if route.delay_s:
                     time.sleep(route.delay_s)
                 if route.hits <= route.fail_first:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mm1data import presets
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
 
 # kind -> module holding KIND (a runner.Kind) and its Config
@@ -15,7 +16,9 @@ PIPELINES = {"caption": "mm1data.pipelines.caption", "text": "mm1data.pipelines.
 
 
 def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> tuple[Any, Any]:
-    """-> (the kind's Kind, validated config). The kind comes from the YAML's `pipeline` key or the file name."""
+    """-> (the kind's Kind, validated config). The kind comes from the YAML's `pipeline` key or the file name.
+    A bare name that is no file (`caption`, `text.yaml`) is the run config shipped in pipelines/."""
+    path = resolve_run_config(path)
     raw = read_yaml(path) if path else {}
     raw = apply_overrides(raw, [parse_override(o) for o in overrides])
     kind = raw.get("pipeline") or kind or (Path(path).stem if path else None)
@@ -24,6 +27,14 @@ def load_run_config(path: str | None, overrides: list[str] = (), kind: str | Non
     declared = importlib.import_module(PIPELINES[kind]).KIND
     raw["pipeline"] = kind
     return declared, from_dict(declared.config, raw)
+
+
+def resolve_run_config(path: str | None) -> str | None:
+    """`path` itself when it is a file; else the shipped pipelines/ config of that bare name, if any."""
+    if not path or os.path.isfile(path):
+        return path
+    shipped = presets.find("pipelines", path)
+    return str(shipped) if shipped else path
 
 
 def search_dirs(path: str | None) -> tuple[str, ...]:
@@ -44,6 +55,7 @@ def run_pipeline(
     """
     from mm1data.pipelines.runner import absolute, run
 
+    path = resolve_run_config(path)
     kind, cfg = load_run_config(path, overrides)
     if input_uri:  # flags win over the YAML; taken as strings, not YAML-parsed
         cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=input_uri))

@@ -44,7 +44,7 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
     clip_cpus = (1.0 if gpus else 0.5) * c.workers if c.enabled else 0.0
     dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0))
     out = [
-        Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*
+        Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*, original_*, status, error_message
             ImageDownloader,
             d,
             "before",
@@ -129,6 +129,8 @@ KIND = Kind(
         "image_ext": pa.string(),
         "sha256": pa.string(),
         "download_error": pa.string(),
+        "status": pa.string(),  # img2dataset's status and error_message (download.img2dataset_columns)
+        "error_message": pa.string(),
     },
     payload=("image",),
     size_col="image_bytes",
