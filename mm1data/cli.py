@@ -1,9 +1,11 @@
-"""The `mm1data` command: one entry point, subcommands in one dict."""
+"""mm1data builds the pre-training mixture of an MM1-style multimodal LLM: image-caption pairs and text documents
+(interleaved documents to come) are downloaded, filtered, CLIP-scored and deduplicated on Ray Data into webdataset tar
+shards with an index.json and a score store (meta/*.parquet); a mixture manifest weights the corpora, a streaming
+loader packs them into MM1 sequences and a compact trainer trains on them."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
@@ -15,6 +17,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     index = run_pipeline(args.pipeline, args.input, args.output, args.set or [], args.address)
     print_funnel(index, args.output or index["config"]["output"])
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    return CONFIG_COMMANDS[args.config_command](args)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from mm1data.pipelines import show_config
+
+    print(show_config(args.pipeline, args.set or []), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mm1data.report import manifest_report, write_report
+
+    if bool(args.output) == bool(args.manifest):
+        raise ConfigError("mm1data report: give a corpus OUTPUT_URI or --manifest M (one of them)")
+    if args.manifest:
+        page = manifest_report(args.manifest, args.html)
+    else:
+        page = write_report(args.output, args.html)
+    print(f"report: {page}")
     return 0
 
 
@@ -91,15 +117,79 @@ def print_funnel(index: dict, output: str) -> None:
         print(f"warning: {w}")
 
 
+EPILOG = """quick start:
+  mm1data demo                                   build small corpora end to end, check them, train a few steps
+  mm1data run caption --input urls.parquet --output out/caption
+  mm1data report out/caption                     the funnel, score histograms and samples as one HTML page
+  mm1data manifest check manifests/mm1.yaml      verify a mixture and print its realised shares
+
+`mm1data COMMAND --help` says more about each command."""
+
+# the keys people set most; `mm1data config show KIND` prints every key with its default
+MAIN_KEYS = {
+    "caption": "input.url_col, input.caption_col, input.rows_per_unit, download.threads, download.timeout_s, "
+    "download.retries, download.image_size, download.resize_mode, download.allow_private_hosts, filters, "
+    "clip.model, clip.pretrained, clip.workers, dedup.url, dedup.image_sha256, shards.samples_per_shard",
+    "text": "input.text_col, input.id_col, input.rows_per_unit, input.html, filters, dedup.exact, "
+    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, batch_size, shards.samples_per_shard",
+}
+
+
+def run_epilog() -> str:
+    """run --help's list of shipped run configs, filter presets and the main keys (from the shipped files)."""
+    from mm1data import presets
+
+    lines = [
+        f"run configs (pipelines/, or by bare name): {', '.join(presets.names('pipelines'))}",
+        f"filter presets (--set filters=NAME): {', '.join(presets.names('filters'))}; --set filters=[] runs none",
+        "main config keys (--set KEY=VALUE, the value parsed as YAML):",
+    ]
+    lines += [f"  {kind}: {keys}" for kind, keys in MAIN_KEYS.items()]
+    lines += [
+        "every key with its default: mm1data config show caption [--set ...]",
+        "",
+        "example:",
+        "  mm1data run caption --input urls.parquet --output s3://bucket/caption \\",
+        "      --set filters=caption_laion --set download.timeout_s=5",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm1data", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a corpus pipeline (pipelines/*.yaml) on Ray")
-    r.add_argument("pipeline", help="run config YAML, e.g. pipelines/caption.yaml")
+    from mm1data import __version__
+
+    p = argparse.ArgumentParser(
+        prog="mm1data", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"mm1data {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and every INFO line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser(
+        "run",
+        help="run a corpus pipeline (pipelines/*.yaml) on Ray",
+        description="Run a corpus job: read -> download -> filters -> CLIP score -> dedup -> shards, meta, index.json."
+        " Rerunning the same command after a crash finishes the job.",
+        epilog=run_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("pipeline", help="run config YAML (e.g. pipelines/caption.yaml) or a shipped one by name (caption)")
     r.add_argument("--input", help="input file, directory or glob (local or s3://)")
     r.add_argument("--output", help="corpus root (local or s3://)")
     r.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's own logs")
+    g = sub.add_parser("config", help="run configs: print one resolved, with every default")
+    gsub = g.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    gs = gsub.add_parser("show", help="print the resolved run config (YAML file + --set + defaults) as YAML")
+    gs.add_argument("pipeline", help="run config YAML or a shipped one by name (caption, text)")
+    gs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    rp = sub.add_parser(
+        "report",
+        help="one HTML page: a corpus' funnel, score histograms, failing domains, samples (or a manifest's mix)",
+    )
+    rp.add_argument("output", nargs="?", help="corpus root (local or s3://) holding index.json")
+    rp.add_argument("--html", help="page to write (default: OUTPUT/report.html, or beside the manifest)")
+    rp.add_argument("--manifest", help="a mixture manifest: its target against the realised mix, and each corpus")
     d = sub.add_parser("demo", help="build a small corpus end to end from a local HTTP server")
     d.add_argument("--out", default="demo_out", help="where the demo writes (default: demo_out)")
     t = sub.add_parser("train", help="train the MM1-shaped model from a manifest's shards (torchrun for DDP)")
@@ -121,16 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "config": cmd_config,
+    "report": cmd_report,
     "demo": cmd_demo,
     "manifest": cmd_manifest,
     "train": cmd_train,
 }
 MANIFEST_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"check": cmd_manifest_check}
+CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"show": cmd_config_show}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mm1data import progress
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    progress.configure(verbose=args.verbose)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

@@ -69,3 +69,25 @@ def run_pipeline(
         input=dataclasses.replace(cfg.input, path=absolute(cfg.input.path)),
     )
     return run(kind, cfg, search_dirs(path), address)
+
+
+def show_config(path: str, overrides: list[str] = ()) -> str:
+    """The resolved run config as YAML that `mm1data run` takes back: the file, the --set overrides and every
+    default, with the filter chain inline as it would run (`mm1data config show`)."""
+    import math
+
+    import yaml
+
+    from mm1data.config import to_dict
+    from mm1data.filters import parse_chain
+
+    path = resolve_run_config(path)
+    kind, cfg = load_run_config(path, overrides)
+    chain = [
+        {"name": c.name, **{k: v for k, v in (("min", c.min), ("max", c.max)) if math.isfinite(v)}, **c.params}
+        for c in parse_chain(cfg.filters, search_dirs(path))
+    ]
+    spec = cfg.filters if isinstance(cfg.filters, str) else "an inline list"
+    head = f"# {kind.name} run config: {path or 'defaults'}" + (f" + {len(overrides)} --set" if overrides else "")
+    body = yaml.safe_dump({**to_dict(cfg), "filters": to_dict(chain)}, sort_keys=False, width=110)
+    return f"{head}\n# filters: {spec}, resolved below\n{body}"
