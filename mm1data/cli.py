@@ -47,7 +47,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mm1data.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, n=args.rows, steps=args.steps)
     return 0
 
 
@@ -190,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("output", nargs="?", help="corpus root (local or s3://) holding index.json")
     rp.add_argument("--html", help="page to write (default: OUTPUT/report.html, or beside the manifest)")
     rp.add_argument("--manifest", help="a mixture manifest: its target against the realised mix, and each corpus")
-    d = sub.add_parser("demo", help="build a small corpus end to end from a local HTTP server")
+    d = sub.add_parser(
+        "demo",
+        help="every corpus kind end to end from a local HTTP server, manifest check, reports, a few training steps",
+    )
     d.add_argument("--out", default="demo_out", help="where the demo writes (default: demo_out)")
+    d.add_argument("--rows", type=int, default=300, help="input rows per corpus (default: 300)")
+    d.add_argument("--steps", type=int, default=30, help="training steps of the tiny model; 0 skips (default: 30)")
     t = sub.add_parser("train", help="train the MM1-shaped model from a manifest's shards (torchrun for DDP)")
     t.add_argument("--manifest", required=True, help="mixture manifest YAML (its sequence block sets the shape)")
     t.add_argument("--config", required=True, help="tiny | small | mm1_3b, or a train config YAML")

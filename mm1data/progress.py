@@ -20,7 +20,10 @@ def configure(verbose: bool = False) -> None:
     with --verbose (Ray's errors still surface as exceptions naming the failed task)."""
     global VERBOSE
     VERBOSE = verbose
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("mm1data").setLevel(logging.INFO)  # libraries logging INFO to the root (open_clip) only verbose
     if not verbose:
         # read by ray.init when it starts the local instance: its C++ core worker would otherwise print every
         # error-level line to the terminal (e.g. the actor-constructor note Ray Data's actor pools trigger)
