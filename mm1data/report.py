@@ -226,7 +226,8 @@ def _png(fig) -> str:
 
 
 def funnel_steps(index: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(stage, reason, rows dropped) in pipeline order: read/download, then each filter in chain order, then dedup.
+    """(stage, reason, rows dropped) in pipeline order: read (and download), then each filter in chain order, then
+    dedup.
     A row carries only its first drop reason, so rows left after step k = rows in - drops of steps <= k."""
     f = index.get("funnel", {})
     dropped = dict(f.get("dropped", {}))
@@ -234,7 +235,8 @@ def funnel_steps(index: dict[str, Any]) -> list[tuple[str, str, int]]:
     filters = [r for r in chain if r in dropped]
     dedup = sorted(r for r in dropped if r.startswith("dup_"))
     early = sorted((r for r in dropped if r not in filters and r not in dedup), key=lambda r: -dropped[r])
-    steps = [("read, download", r, dropped[r]) for r in early]
+    first = "read, download" if "downloaded" in f else "read"  # kinds without a download stage (text)
+    steps = [(first, r, dropped[r]) for r in early]
     steps += [("filters", r, dropped[r]) for r in filters] + [("dedup", r, dropped[r]) for r in dedup]
     return steps
 
@@ -244,7 +246,7 @@ def draw_funnel(index: dict[str, Any]) -> str:
     f = index.get("funnel", {})
     left = int(f.get("rows_in", 0))
     labels, values, colors = ["rows in"], [left], ["#4c72b0"]
-    palette = {"read, download": "#dd8452", "filters": "#c44e52", "dedup": "#8172b3"}
+    palette = {"read, download": "#dd8452", "read": "#dd8452", "filters": "#c44e52", "dedup": "#8172b3"}
     for stage, reason, n in funnel_steps(index):
         left -= n
         labels.append(f"{stage}: -{reason} ({n:,})")

@@ -64,7 +64,12 @@ def make_corpus(root, kind: str = "caption", n: int = 40) -> dict:
         writer.write(members, num_images=int(kind == "caption"))
     info = writer.close()
     dropped = {r: drop.count(r) for r in set(drop) - {""}}
-    funnel = {"rows_in": n, "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])), "kept": len(kept)}
+    funnel = {
+        "rows_in": n,
+        **({"downloaded": n - drop.count("http_404")} if kind == "caption" else {}),
+        "dropped": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+        "kept": len(kept),
+    }
     filters = [{"name": "lang"}, {"name": "caption_words"}]
     index = build_index(kind, kind, [info], 10 * len(kept), funnel=funnel, config={"filters": filters}, warnings=[])
     write_index(str(root), index)
@@ -81,6 +86,7 @@ def test_funnel_steps_in_pipeline_order(tmp_path):
         ("dedup", "dup_url"),
     ]
     assert index["funnel"]["rows_in"] - sum(n for *_, n in steps) == index["funnel"]["kept"]
+    assert funnel_steps(make_corpus(tmp_path / "t", kind="text"))[0][0] == "read"  # no download stage
 
 
 def test_histograms_count_every_row_and_kept_rows(tmp_path):
