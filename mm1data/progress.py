@@ -75,7 +75,8 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", unit_scale=True, dynamic_ncols=True, leave=True)
+            scale = unit == "rows"  # 1.5M rows; but 13 shards, not 13.0
+            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, dynamic_ncols=True, leave=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -87,3 +87,26 @@ def test_config_show_prints_every_default_and_runs_back(tmp_path, capsys):
     assert again.download == direct.download and again.clip == direct.clip
     assert main(["config", "show", "text", "--set", "nope=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
+
+
+def test_progress_lines_without_a_terminal(caplog, monkeypatch):
+    import io
+    import logging
+
+    from mm1data import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # no terminal: log lines, not a bar
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="mm1data.progress"):
+        bar = progress.Progress("staging", total=400)
+        now[0] = 110.0
+        bar.update(100)  # at 10 s: 100 of 400 at 10 rows/s, 30 s to go
+        now[0] = 120.0
+        bar.update(100)
+    assert caplog.messages[0] == "staging: 100/400 rows (25%) in 0:10, 10.0 rows/s, ETA 0:30"
+    assert caplog.messages[1] == "staging: 200/400 rows (50%) in 0:20, 10.0 rows/s, ETA 0:20"
+    assert progress.StageSummary("dedup", 1000, 900, 2.0).line().split() == (
+        "dedup 1,000 in 900 kept 2.0 s 500 rows/s".split()
+    )
