@@ -37,7 +37,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if bool(args.output) == bool(args.manifest):
         raise ConfigError("mm1data report: give a corpus OUTPUT_URI or --manifest M (one of them)")
     if args.manifest:
-        page = manifest_report(args.manifest, args.html)
+        page = manifest_report(manifest_path(args.manifest), args.html)
     else:
         page = write_report(args.output, args.html)
     print(f"report: {page}")
@@ -84,9 +84,21 @@ def cmd_manifest_check(args: argparse.Namespace) -> int:
 
     from mm1data.manifest import check_manifest, format_report, load_manifest
 
-    report = check_manifest(load_manifest(args.manifest), args.budget_tokens)
+    report = check_manifest(load_manifest(manifest_path(args.manifest)), args.budget_tokens)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def manifest_path(spec: str) -> str:
+    """A manifest file, or a shipped one by bare name (`mm1` is manifests/mm1.yaml, also from an installed wheel)."""
+    import os
+
+    from mm1data import presets
+
+    if os.path.isfile(spec) or "://" in spec:
+        return spec
+    shipped = presets.find("manifests", spec)
+    return str(shipped) if shipped else spec
 
 
 def token_count(value: str) -> int:
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("manifest", help="mixture manifests (manifests/*.yaml)")
     msub = m.add_subparsers(dest="manifest_command", required=True)
     c = msub.add_parser("check", help="resolve every index, verify the shards, print totals and realised shares")
-    c.add_argument("manifest", help="manifest YAML, e.g. manifests/mm1.yaml")
+    c.add_argument("manifest", help="manifest YAML, e.g. manifests/mm1.yaml, or a shipped one by name (mm1)")
     c.add_argument("--budget-tokens", type=token_count, metavar="N", help="text tokens to train on: epochs per source")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p

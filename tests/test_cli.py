@@ -110,3 +110,10 @@ def test_progress_lines_without_a_terminal(caplog, monkeypatch):
     assert progress.StageSummary("dedup", 1000, 900, 2.0).line().split() == (
         "dedup 1,000 in 900 kept 2.0 s 500 rows/s".split()
     )
+
+
+def test_shipped_manifest_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # from any directory: its relative indexes resolve beside it, then here
+    assert main(["manifest", "check", "mm1"]) == 2
+    err = capsys.readouterr().err
+    assert "source 'interleaved'" in err and str(tmp_path / "data" / "interleaved" / "index.json") in err
