@@ -525,16 +525,16 @@ class ImageDownloader:
 def img2dataset_columns(batch: Batch, attempted: np.ndarray) -> Batch:
     """img2dataset's field names beside ours, so tools written for its output read ours: original_width,
     original_height, status (success | failed_to_download | failed_to_resize, as img2dataset sets it: a decode
-    failure is its resize step failing) and error_message (null on success). A row dropped before its download
-    (e.g. an unreadable input row) is failed_to_download with its drop reason as the message."""
+    failure is its resize step failing) and error_message. A row dropped before its download (e.g. an unreadable
+    input row) is failed_to_download with its drop reason as the message. error_message is "" on success here and in
+    meta (a column that is None in a whole batch would get another Arrow type than in the next one, which Ray Data
+    cannot merge); the sample json has img2dataset's null (build_sample)."""
     error = np.where(attempted, batch["download_error"], batch["drop_reason"]).astype(object)
     ok = error == ""
     status = np.where(ok, "success", np.where(error == "decode_error", "failed_to_resize", "failed_to_download"))
-    message = np.empty(len(error), dtype=object)
-    message[~ok] = error[~ok]
     return {
         "original_width": batch["orig_width"].copy(),
         "original_height": batch["orig_height"].copy(),
         "status": status.astype(object),
-        "error_message": message,
+        "error_message": error,
     }

@@ -71,7 +71,7 @@ def test_every_bad_input_gets_its_reason(server):
     assert (out["original_width"][0], out["original_height"][0]) == (400, 300)
     assert list(out["status"][:3]) == ["success", "failed_to_download", "success"]
     assert out["status"][6] == "failed_to_resize" and out["error_message"][6] == "decode_error"
-    assert list(out["error_message"][:2]) == [None, "http_404"]
+    assert list(out["error_message"][:2]) == ["", "http_404"]
 
 
 def test_private_addresses_refused_without_opt_in(server):

@@ -91,6 +91,8 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     meta = json.loads(row["extra"] or "{}")
     meta.update((k, None if isinstance(v, float) and v != v else v) for k, v in row.items() if k not in NOT_IN_JSON)
     meta.update(source=row["src_file"], row=row["src_row"])
+    if "error_message" in meta:
+        meta["error_message"] = meta["error_message"] or None  # img2dataset's null on success
     sample = CaptionSample(row["key"], row["caption"], row["image"], row["image_ext"], meta)
     return sample.to_members(), count_tokens(row["caption"])
 
