@@ -117,3 +117,11 @@ def test_shipped_manifest_by_name(tmp_path, monkeypatch, capsys):
     assert main(["manifest", "check", "mm1"]) == 2
     err = capsys.readouterr().err
     assert "source 'interleaved'" in err and str(tmp_path / "data" / "interleaved" / "index.json") in err
+
+
+def test_verbose_before_or_after_the_command():
+    from mm1data.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["-v", "run", "x"]).verbose and p.parse_args(["run", "x", "--verbose"]).verbose
+    assert not p.parse_args(["run", "x"]).verbose
