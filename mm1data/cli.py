@@ -1,12 +1,13 @@
-"""mm1data builds the pre-training mixture of an MM1-style multimodal LLM: image-caption pairs and text documents
-(interleaved documents to come) are downloaded, filtered, CLIP-scored and deduplicated on Ray Data into webdataset tar
-shards with an index.json and a score store (meta/*.parquet); a mixture manifest weights the corpora, a streaming
-loader packs them into MM1 sequences and a compact trainer trains on them."""
+"""mm1data builds the pre-training mixture of an MM1-style multimodal LLM: its corpora (image-caption pairs, text
+documents and the other kinds `mm1data run --help` lists) are downloaded, filtered, CLIP-scored and deduplicated on
+Ray Data into webdataset tar shards with an index.json and a score store (meta/*.parquet); a mixture manifest weights
+the corpora, a streaming loader packs them into MM1 sequences and a compact trainer trains on them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 
 from mm1data.config import ConfigError
@@ -156,7 +157,10 @@ def run_epilog() -> str:
         f"filter presets (--set filters=NAME): {', '.join(presets.names('filters'))}; --set filters=[] runs none",
         "main config keys (--set KEY=VALUE, the value parsed as YAML):",
     ]
-    lines += [f"  {kind}: {keys}" for kind, keys in MAIN_KEYS.items()]
+    lines += [
+        textwrap.fill(f"{kind}: {keys}", 110, initial_indent="  ", subsequent_indent="    ")
+        for kind, keys in MAIN_KEYS.items()
+    ]
     lines += [
         "every key with its default: mm1data config show caption [--set ...]",
         "",
