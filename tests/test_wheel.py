@@ -4,6 +4,7 @@ and `mm1data demo` runs from a fresh venv in another directory."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_installed_wheel_runs_the_demo_elsewhere(wheel, tmp_path):
     def run(*args: str, timeout: int = 120) -> str:
         p = subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=timeout)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        return p.stdout
+        return p.stdout + p.stderr
 
     where = run(python, "-c", "import mm1data.presets as p; print(p.__file__, p.folder('filters'))")
     assert where.startswith(str(venv)) and "_data" in where  # the wheel's copy, not the checkout
@@ -67,3 +68,7 @@ def test_installed_wheel_runs_the_demo_elsewhere(wheel, tmp_path):
     for page in ("report-manifest.html", "caption/report.html", "text/report.html", "train/metrics.jsonl"):
         assert (elsewhere / "demo" / page).is_file(), page
     assert "all present with their listed sizes" in out and "Open:" in out
+    # quiet by default: mm1data's progress (rows of the total) and stage summary, none of Ray Data's block counts
+    assert re.search(r"caption: read, per-row stages, staging: (\d+)/\1 rows \(100%\)", out)
+    assert "stage summary" in out and "dedup, decide" in out
+    assert "Running Dataset" not in out and "logging_progress" not in out and "Started a local Ray" not in out
