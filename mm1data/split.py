@@ -518,7 +518,13 @@ def _write_meta(
         rows += s["rows"]
     remote = ray.remote(num_cpus=0.5, max_retries=3)(write_meta_part)
     ids_ref, starts_ref, names_ref = ray.put(ids), ray.put(starts), ray.put(names)
-    ray.get([remote.remote(output, j, ids_ref, g, starts_ref, names_ref) for j, g in enumerate(groups)])
+    pending = [remote.remote(output, j, ids_ref, g, starts_ref, names_ref) for j, g in enumerate(groups)]
+    bar = Progress("meta", len(pending), "parts")
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+        bar.update(1)
+    bar.close()
     written = {f"part-{j:06d}.parquet" for j in range(len(groups))}
     for f in storage.list_files(storage.join(output, "meta"), recursive=False):
         name = f.rsplit("/", 1)[-1]
