@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench lint
+.PHONY: install browser demo test bench lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -13,6 +13,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Debian's Chromium for the report's page test (tests/test_report.py skips its browser checks without it)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "chromium could not be installed: the report's browser tests will be skipped"
 
 demo: install
 	$(VENV)/bin/mm1data demo --out demo_out

@@ -1,10 +1,13 @@
-"""The `mm1data` command: one entry point, subcommands in one dict."""
+"""mm1data builds the pre-training mixture of an MM1-style multimodal LLM: its corpora (image-caption pairs, text
+documents and the other kinds `mm1data run --help` lists) are downloaded, filtered, CLIP-scored and deduplicated on
+Ray Data into webdataset tar shards with an index.json and a score store (meta/*.parquet); a mixture manifest weights
+the corpora, a streaming loader packs them into MM1 sequences and a compact trainer trains on them."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+import textwrap
 from collections.abc import Callable
 
 from mm1data.config import ConfigError
@@ -18,10 +21,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    return CONFIG_COMMANDS[args.config_command](args)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from mm1data.pipelines import show_config
+
+    print(show_config(args.pipeline, args.set or []), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mm1data.report import manifest_report, write_report
+
+    if bool(args.output) == bool(args.manifest):
+        raise ConfigError("mm1data report: give a corpus OUTPUT_URI or --manifest M (one of them)")
+    if args.manifest:
+        page = manifest_report(manifest_path(args.manifest), args.html)
+    else:
+        page = write_report(args.output, args.html)
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mm1data.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, n=args.rows, steps=args.steps)
     return 0
 
 
@@ -58,9 +85,21 @@ def cmd_manifest_check(args: argparse.Namespace) -> int:
 
     from mm1data.manifest import check_manifest, format_report, load_manifest
 
-    report = check_manifest(load_manifest(args.manifest), args.budget_tokens)
+    report = check_manifest(load_manifest(manifest_path(args.manifest)), args.budget_tokens)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def manifest_path(spec: str) -> str:
+    """A manifest file, or a shipped one by bare name (`mm1` is manifests/mm1.yaml, also from an installed wheel)."""
+    import os
+
+    from mm1data import presets
+
+    if os.path.isfile(spec) or "://" in spec:
+        return spec
+    shipped = presets.find("manifests", spec)
+    return str(shipped) if shipped else spec
 
 
 def token_count(value: str) -> int:
@@ -91,17 +130,93 @@ def print_funnel(index: dict, output: str) -> None:
         print(f"warning: {w}")
 
 
+EPILOG = """quick start:
+  mm1data demo                                   build small corpora end to end, check them, train a few steps
+  mm1data run caption --input urls.parquet --output out/caption
+  mm1data report out/caption                     the funnel, score histograms and samples as one HTML page
+  mm1data manifest check manifests/mm1.yaml      verify a mixture and print its realised shares
+
+`mm1data COMMAND --help` says more about each command."""
+
+# the keys people set most; `mm1data config show KIND` prints every key with its default
+MAIN_KEYS = {
+    "caption": "input.url_col, input.caption_col, input.rows_per_unit, download.threads, download.timeout_s, "
+    "download.retries, download.image_size, download.resize_mode, download.allow_private_hosts, filters, "
+    "clip.model, clip.pretrained, clip.workers, dedup.url, dedup.image_sha256, shards.samples_per_shard",
+    "interleaved": "input.form, input.texts_col, input.images_col, input.rows_per_unit, input.max_images, "
+    "download.threads, download.timeout_s, download.image_size, filters, relevance.enabled, relevance.min, "
+    "relevance.model, relevance.pretrained, dedup.url, dedup.image_set, dedup.max_image_docs, "
+    "dedup.max_domain_paragraph, batch_size, shards.samples_per_shard",
+    "text": "input.text_col, input.id_col, input.rows_per_unit, input.html, filters, dedup.exact, "
+    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, batch_size, shards.samples_per_shard",
+}
+
+
+def run_epilog() -> str:
+    """run --help's list of shipped run configs, filter presets and the main keys (from the shipped files)."""
+    from mm1data import presets
+
+    lines = [
+        f"run configs (pipelines/, or by bare name): {', '.join(presets.names('pipelines'))}",
+        f"filter presets (--set filters=NAME): {', '.join(presets.names('filters'))}; --set filters=[] runs none",
+        "main config keys (--set KEY=VALUE, the value parsed as YAML):",
+    ]
+    lines += [
+        textwrap.fill(f"{kind}: {keys}", 110, initial_indent="  ", subsequent_indent="    ")
+        for kind, keys in MAIN_KEYS.items()
+    ]
+    lines += [
+        "every key with its default: mm1data config show caption [--set ...]",
+        "",
+        "example:",
+        "  mm1data run caption --input urls.parquet --output s3://bucket/caption \\",
+        "      --set filters=caption_laion --set download.timeout_s=5",
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm1data", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a corpus pipeline (pipelines/*.yaml) on Ray")
-    r.add_argument("pipeline", help="run config YAML, e.g. pipelines/caption.yaml")
+    from mm1data import __version__
+
+    p = argparse.ArgumentParser(
+        prog="mm1data", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"mm1data {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs and every INFO line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = sub.add_parser(
+        "run",
+        help="run a corpus pipeline (pipelines/*.yaml) on Ray",
+        description="Run a corpus job: read -> download -> filters -> CLIP score -> dedup -> shards, meta, index.json."
+        " Rerunning the same command after a crash finishes the job.",
+        epilog=run_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("pipeline", help="run config YAML (e.g. pipelines/caption.yaml) or a shipped one by name (caption)")
     r.add_argument("--input", help="input file, directory or glob (local or s3://)")
     r.add_argument("--output", help="corpus root (local or s3://)")
     r.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
-    d = sub.add_parser("demo", help="build a small corpus end to end from a local HTTP server")
+    r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's own logs")
+    g = sub.add_parser("config", help="run configs: print one resolved, with every default")
+    gsub = g.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    gs = gsub.add_parser("show", help="print the resolved run config (YAML file + --set + defaults) as YAML")
+    gs.add_argument("pipeline", help="run config YAML or a shipped one by name (caption, text)")
+    gs.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    rp = sub.add_parser(
+        "report",
+        help="one HTML page: a corpus' funnel, score histograms, failing domains, samples (or a manifest's mix)",
+    )
+    rp.add_argument("output", nargs="?", help="corpus root (local or s3://) holding index.json")
+    rp.add_argument("--html", help="page to write (default: OUTPUT/report.html, or beside the manifest)")
+    rp.add_argument("--manifest", help="a mixture manifest: its target against the realised mix, and each corpus")
+    d = sub.add_parser(
+        "demo",
+        help="every corpus kind end to end from a local HTTP server, manifest check, reports, a few training steps",
+    )
     d.add_argument("--out", default="demo_out", help="where the demo writes (default: demo_out)")
+    d.add_argument("--rows", type=int, default=300, help="input rows per corpus (default: 300)")
+    d.add_argument("--steps", type=int, default=30, help="training steps of the tiny model; 0 skips (default: 30)")
     t = sub.add_parser("train", help="train the MM1-shaped model from a manifest's shards (torchrun for DDP)")
     t.add_argument("--manifest", required=True, help="mixture manifest YAML (its sequence block sets the shape)")
     t.add_argument("--config", required=True, help="tiny | small | mm1_3b, or a train config YAML")
@@ -113,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("manifest", help="mixture manifests (manifests/*.yaml)")
     msub = m.add_subparsers(dest="manifest_command", required=True)
     c = msub.add_parser("check", help="resolve every index, verify the shards, print totals and realised shares")
-    c.add_argument("manifest", help="manifest YAML, e.g. manifests/mm1.yaml")
+    c.add_argument("manifest", help="manifest YAML, e.g. manifests/mm1.yaml, or a shipped one by name (mm1)")
     c.add_argument("--budget-tokens", type=token_count, metavar="N", help="text tokens to train on: epochs per source")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
@@ -121,16 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "config": cmd_config,
+    "report": cmd_report,
     "demo": cmd_demo,
     "manifest": cmd_manifest,
     "train": cmd_train,
 }
 MANIFEST_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"check": cmd_manifest_check}
+CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"show": cmd_config_show}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mm1data import progress
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    progress.configure(verbose=args.verbose)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

@@ -1,5 +1,6 @@
-"""`mm1data demo`: PIL-drawn images with captions served on 127.0.0.1, run through the caption pipeline on a
-local Ray. The image server and data maker are also what the tests use (no network beyond 127.0.0.1)."""
+"""`mm1data demo`: every corpus kind built end to end on a local Ray (PIL-drawn images with captions served on
+127.0.0.1, generated English-like documents), their manifest checked and streamed, the reports written and the tiny
+model trained. The image server and data makers are also what the tests use (no network beyond 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -46,6 +48,7 @@ class Route:
     delay_s: float = 0.0  # before answering (a slow or hanging server)
     fail_first: int = 0  # answer 500 this many times, then succeed
     hits: int = 0
+    request_headers: dict[str, str] = field(default_factory=dict)  # of the last request
 
 
 class ImageServer:
@@ -68,6 +71,7 @@ class ImageServer:
                     self._send(404, b"not found", {"Content-Type": "text/plain"})
                     return
                 route.hits += 1
+                route.request_headers = dict(self.headers)
                 if route.delay_s:
                     time.sleep(route.delay_s)
                 if route.hits <= route.fail_first:
@@ -388,27 +392,76 @@ def build_interleaved_corpus(out: str, n: int) -> dict[str, Any]:
     return index
 
 
-def run_demo(out: str = "demo_out", n: int = 300, n_text: int = 300, n_pages: int = 60) -> dict[str, Any]:
-    """Build the interleaved, caption and text corpora under `out`, print their funnels; returns {corpus: index}."""
+@dataclass(frozen=True)
+class CorpusStep:
+    """One corpus the demo builds: `build(out, rows)` writes out/NAME and returns its index.json."""
+
+    name: str  # the corpus folder under out/ and its manifest source name
+    build: Callable[[str, int], dict[str, Any]]
+    weight: float  # MM1's share of the mixture (REFERENCE.md); relative
+
+
+def corpus_steps() -> list[CorpusStep]:
+    """Every corpus kind the project builds, in the order the demo runs them (add a kind here: one line)."""
+    return [
+        CorpusStep("interleaved", build_interleaved_corpus, 0.45),
+        CorpusStep("caption", build_caption_corpus, 0.45),
+        CorpusStep("text", build_text_corpus, 0.10),
+    ]
+
+
+def run_demo(
+    out: str = "demo_out", n: int = 300, n_text: int | None = None, steps: int = 30, n_pages: int | None = None
+) -> dict[str, Any]:
+    """Build every corpus under `out`, check their manifest, stream packed batches, write the reports, train the
+    tiny model for `steps` steps, then print what to open; returns {corpus: index.json}. n rows per corpus (n_text
+    for the text corpus, n_pages web pages for the interleaved one; default n and n / 5)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray on 127.0.0.1, like the server
     os.makedirs(out, exist_ok=True)
-    indexes = {
-        "interleaved": build_interleaved_corpus(out, n_pages),
-        "caption": build_caption_corpus(out, n),
-        "text": build_text_corpus(out, n_text),
-    }
-    manifest = write_demo_manifest(out, indexes)
+    t0 = time.monotonic()
+    corpora = corpus_steps()
+    indexes = {}
+    for step in corpora:
+        print(f"\n== {step.name} corpus ==")
+        rows = {"text": n_text or n, "interleaved": n_pages or max(10, n // 5)}.get(step.name, n)
+        indexes[step.name] = step.build(out, rows)
+    manifest = write_demo_manifest(out, indexes, {c.name: c.weight for c in corpora})
     stream_mixture(manifest)
-    train_demo(manifest, os.path.join(out, "train"))
+    reports = write_reports(out, manifest, indexes)
+    opened = [*reports]
+    if steps > 0:
+        train_demo(manifest, os.path.join(out, "train"), steps)
+        opened += [os.path.join(out, "train", name) for name in ("loss.png", "metrics.jsonl")]
+    print(f"\ndemo finished in {time.monotonic() - t0:,.0f} s. Open:")
+    for path in opened:
+        if os.path.exists(path):
+            print(f"  {os.path.abspath(path)}")
+    print(f"  shards: {', '.join(os.path.abspath(os.path.join(out, k)) for k in indexes)} (index.json, meta/, *.tar)")
     return indexes
 
 
-def write_demo_manifest(out: str, indexes: dict[str, dict[str, Any]]) -> str:
-    """manifest.yaml beside the corpora: MM1's 45/45/10 weights for the kinds built."""
+def write_reports(out: str, manifest: str, indexes: dict[str, dict[str, Any]]) -> list[str]:
+    """`mm1data report` for every corpus and for the manifest; none (with a note) without matplotlib."""
+    from mm1data.report import manifest_report, write_report
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("\nreports skipped: they draw with matplotlib (pip install 'mm1data[report]')")
+        return []
+    print("\n$ mm1data report ...")
+    pages = [manifest_report(manifest, os.path.join(out, "report-manifest.html"))]
+    pages += [write_report(os.path.join(out, name)) for name in indexes]
+    for page in pages:
+        print(f"  {page}")
+    return pages
+
+
+def write_demo_manifest(out: str, indexes: dict[str, dict[str, Any]], weights: dict[str, float]) -> str:
+    """manifest.yaml beside the corpora: MM1's weights for the kinds built."""
     import yaml
 
-    weights = {"interleaved": 0.45, "caption": 0.45, "text": 0.10}  # MM1 (REFERENCE.md); relative weights
     doc = {
         "name": "demo",
         "seed": 0,

@@ -24,12 +24,15 @@ from urllib.parse import quote, urljoin, urlsplit
 import numpy as np
 from PIL import Image
 
+from mm1data import __version__
 from mm1data.config import check
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
 USER_AGENT_TOKEN = "mm1data"
-USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/0.1; +https://github.com/mm1data/mm1data)"
+# The project and its version, in the form crawlers use; no contact URL is invented: a large crawl should set
+# download.user_agent to one naming its operator (e.g. "... ; +https://your.site/crawler").
+USER_AGENT = f"Mozilla/5.0 (compatible; {USER_AGENT_TOKEN}/{__version__}; image-text pre-training data; python)"
 REDIRECTS = (301, 302, 303, 307, 308)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 # img2dataset's interpolation names -> Pillow's filters. "area" (cv2.INTER_AREA, img2dataset's downscale default)
@@ -451,7 +454,8 @@ class ImageDownloader:
 
     Adds: image (bytes, b"" on failure), image_ext, width, height (after resize), orig_width, orig_height,
     sha256 (of the fetched bytes), download_status (HTTP code, 0 if none), download_error ("" or a reason),
-    download_bytes, download_time_s, download_attempts. Failed rows get drop_reason = download_error.
+    download_bytes, download_time_s, download_attempts, and img2dataset's names (img2dataset_columns). Failed rows
+    get drop_reason = download_error.
     """
 
     def __init__(self, cfg: DownloadConfig) -> None:
@@ -518,4 +522,23 @@ class ImageDownloader:
             batch[name] = arr
         failed = (batch["download_error"] != "") & (batch["drop_reason"] == "")
         batch["drop_reason"] = np.where(failed, batch["download_error"], batch["drop_reason"]).astype(object)
+        batch.update(img2dataset_columns(batch, todo))
         return batch
+
+
+def img2dataset_columns(batch: Batch, attempted: np.ndarray) -> Batch:
+    """img2dataset's field names beside ours, so tools written for its output read ours: original_width,
+    original_height, status (success | failed_to_download | failed_to_resize, as img2dataset sets it: a decode
+    failure is its resize step failing) and error_message. A row dropped before its download (e.g. an unreadable
+    input row) is failed_to_download with its drop reason as the message. error_message is "" on success here and in
+    meta (a column that is None in a whole batch would get another Arrow type than in the next one, which Ray Data
+    cannot merge); the sample json has img2dataset's null (build_sample)."""
+    error = np.where(attempted, batch["download_error"], batch["drop_reason"]).astype(object)
+    ok = error == ""
+    status = np.where(ok, "success", np.where(error == "decode_error", "failed_to_resize", "failed_to_download"))
+    return {
+        "original_width": batch["orig_width"].copy(),
+        "original_height": batch["orig_height"].copy(),
+        "status": status.astype(object),
+        "error_message": error,
+    }

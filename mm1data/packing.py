@@ -121,7 +121,7 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError as e:
-        raise ImportError(f"loading {path} needs the tokenizers package: pip install tokenizers") from e
+        raise ImportError(f"loading {path} needs the tokenizers package: pip install 'mm1data[tokenizer]'") from e
     return JsonTokenizer(HFTokenizer.from_str(storage.read_bytes(path).decode("utf-8")))
 
 

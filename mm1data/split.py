@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from mm1data import __version__, storage
 from mm1data.config import check, to_dict
 from mm1data.dedup import task_shuffles
+from mm1data.progress import Progress, StageSummary
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
 from mm1data.staging import read_unit_staged, staging_uri, unit_dir
@@ -86,10 +87,17 @@ def decided_uri(output: str, unit_id: str) -> str:
 
 
 def finalize(
-    kind: Kind, cfg: Any, units: list[Unit], run_id: str, warnings: list[str], check: Callable[[], None] = lambda: None
+    kind: Kind,
+    cfg: Any,
+    units: list[Unit],
+    run_id: str,
+    warnings: list[str],
+    check: Callable[[], None] = lambda: None,
+    stages: list[StageSummary] | None = None,
 ) -> dict[str, Any]:
     """Dedup, decide, shard, meta, index.json (last); returns the index. `cfg` is the resolved run config (it goes
-    into index.json); `check` raises if this process no longer holds the output (called before index.json)."""
+    into index.json); `check` raises if this process no longer holds the output (called before index.json);
+    `stages` gets a summary line per step."""
     out = cfg.output
     pos = Positions(units)
     steps = kind.dedup(cfg)
@@ -105,17 +113,20 @@ def finalize(
     ranges = _plan(out, pos, kind.size_col, cfg.shards, kept_before, np.array([s["kept_bytes"] for s in summaries]))
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
-    t2 = time.perf_counter()
     records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
     _write_meta(out, pos.ids, summaries, kept_before, starts, names, kind.items)
     _remove_stale(out, cfg.corpus, set(names))
-    log.info(
-        "corpus-wide: dedup and decisions %.1fs, shard plan %.1fs, %d shards %.1fs, meta %.1fs",
-        t1 - t0, t2 - t1, len(names), t3 - t2, time.perf_counter() - t3,
-    )  # fmt: skip
+    if stages is not None:
+        rows_in = int(sum(s["rows"] for s in summaries))
+        n_bytes = sum(s.bytes for s in shards)
+        stages += [
+            StageSummary("dedup, decide", rows_in, int(kept.sum()), t1 - t0, note=f"{len(steps)} dedup steps"),
+            StageSummary("plan, shards", int(kept.sum()), len(names), t3 - t1, "shards", f"{n_bytes / 1e6:,.1f} MB"),
+            StageSummary("meta", rows_in, rows_in, time.perf_counter() - t3, "rows"),
+        ]
 
     counts: Counter[str] = Counter()
     funnel_counts: Counter[str] = Counter()
@@ -456,14 +467,22 @@ def _write_shards(
     remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
     ids_ref, build_ref = ray.put(ids), ray.put(build)
     pending = []
+    bar = Progress("shards", len(jobs), "shards")
+
+    def collect(done: list) -> None:
+        for rec in ray.get(done):
+            records[rec["shard"]["path"]] = rec
+            bar.update(1)
+
     for name, segments in jobs:
         if len(pending) >= workers:
             done, pending = ray.wait(pending, num_returns=1)
-            for rec in ray.get(done):
-                records[rec["shard"]["path"]] = rec
+            collect(done)
         pending.append(remote.remote(output, name, ids_ref, segments, build_ref, decided_cols))
-    for rec in ray.get(pending):
-        records[rec["shard"]["path"]] = rec
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        collect(done)
+    bar.close()
     return records
 
 
@@ -537,7 +556,13 @@ def _write_meta(
         rows += s["rows"]
     remote = ray.remote(num_cpus=0.5, max_retries=3)(write_meta_part)
     ids_ref, starts_ref, names_ref = ray.put(ids), ray.put(starts), ray.put(names)
-    ray.get([remote.remote(output, j, ids_ref, g, starts_ref, names_ref, items) for j, g in enumerate(groups)])
+    pending = [remote.remote(output, j, ids_ref, g, starts_ref, names_ref, items) for j, g in enumerate(groups)]
+    bar = Progress("meta", len(pending), "parts")
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+        bar.update(1)
+    bar.close()
     written = {f"part-{j:06d}.parquet" for j in range(len(groups))}
     for folder in ["meta"] + ([f"meta_{items[0]}"] if items else []):
         for f in storage.list_files(storage.join(output, folder), recursive=False):

@@ -78,8 +78,8 @@ def write_staging(
     batch: Batch, output: str, types: dict[str, pa.DataType], size_col: str, payload: tuple[str, ...]
 ) -> Batch:
     """Commits a batch as one parquet part per unit it holds, named by the hash of the part's keys (a retried task
-    overwrites instead of duplicating); returns {"rows": [n]}. Adds `size_col` (the payload's bytes, for cutting
-    shards by size) when the kind's stages did not."""
+    overwrites instead of duplicating); returns {"rows": [n], "kept": [rows not dropped]}. Adds `size_col` (the
+    payload's bytes, for cutting shards by size) when the kind's stages did not."""
     units = batch.pop(UNIT_COL)
     if len(units) and size_col not in batch:
         batch[size_col] = sum(payload_bytes(batch[c]) for c in payload)
@@ -93,7 +93,7 @@ def write_staging(
         codecs = {c: "none" if c in payload else "zstd" for c in table.column_names}
         pq.write_table(table, buf, compression=codecs)
         storage.write_bytes(storage.join(unit_dir(output, unit), f"part-{name}.parquet"), buf.getvalue())
-    return {"rows": np.array([len(units)])}
+    return {"rows": np.array([len(units)]), "kept": np.array([int(np.sum(batch["drop_reason"] == ""))])}
 
 
 def unit_parts(output: str, unit_id: str) -> list[str]:

@@ -67,6 +67,11 @@ def test_every_bad_input_gets_its_reason(server):
     assert out["image"][0][:2] == b"\xff\xd8" and out["image"][1] == b""
     assert (out["width"][0], out["height"][0], out["orig_width"][0], out["orig_height"][0]) == (171, 128, 400, 300)
     assert out["download_bytes"][0] == len(server.routes["/ok.jpg"].body)
+    # img2dataset's names beside ours
+    assert (out["original_width"][0], out["original_height"][0]) == (400, 300)
+    assert list(out["status"][:3]) == ["success", "failed_to_download", "success"]
+    assert out["status"][6] == "failed_to_resize" and out["error_message"][6] == "decode_error"
+    assert list(out["error_message"][:2]) == ["", "http_404"]
 
 
 def test_private_addresses_refused_without_opt_in(server):
@@ -354,3 +359,12 @@ def test_resize_uses_img2dataset_interpolations():
     assert out["nearest"].tobytes() != out["area"].tobytes()
     with pytest.raises(ConfigError, match="downscale_interpolation"):
         load_run_config("pipelines/caption.yaml", ["download.downscale_interpolation=bicubic"])
+
+
+def test_user_agent_names_the_project(server):
+    import mm1data
+
+    server.routes["/ok.jpg"] = Route(jpeg())
+    run_stage([server.url("/ok.jpg")])
+    agent = server.routes["/ok.jpg"].request_headers["User-Agent"]
+    assert f"mm1data/{mm1data.__version__}" in agent and "github.com/mm1data" not in agent

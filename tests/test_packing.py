@@ -386,7 +386,7 @@ def test_tokenizer_from_s3(s3_server, tmp_path):
 
 def test_missing_tokenizers_package_names_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(ImportError, match="pip install tokenizers"):
+    with pytest.raises(ImportError, match=r"pip install 'mm1data\[tokenizer\]'"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mm1data import presets
 from mm1data.config import ConfigError, read_yaml_any, short
 from mm1data.registry import get_filter
 from mm1data.stage import Batch, plain_lists
@@ -106,14 +107,11 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
     return tuple(out)
 
 
-# the presets shipped in the checkout's filters/ folder, found from any working directory
-PRESETS = str(Path(__file__).resolve().parents[2] / "filters")
-
-
 def _find_chain(spec: str, search_dirs: tuple[str, ...]) -> Path:
     candidates = [Path(spec)] + [Path(d) / spec for d in search_dirs]
     if not spec.endswith((".yaml", ".yml")):
-        candidates += [Path(d) / f"{spec}.yaml" for d in ("filters", *search_dirs, PRESETS)]
+        # the presets shipped with the package (the checkout's filters/ or the wheel's copy), from any directory
+        candidates += [Path(d) / f"{spec}.yaml" for d in ("filters", *search_dirs, presets.folder("filters"))]
     for c in candidates:
         if c.is_file():
             return c

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mm1data import presets
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml
 
 # kind -> module holding KIND (a runner.Kind) and its Config
@@ -19,7 +20,9 @@ PIPELINES = {
 
 
 def load_run_config(path: str | None, overrides: list[str] = (), kind: str | None = None) -> tuple[Any, Any]:
-    """-> (the kind's Kind, validated config). The kind comes from the YAML's `pipeline` key or the file name."""
+    """-> (the kind's Kind, validated config). The kind comes from the YAML's `pipeline` key or the file name.
+    A bare name that is no file (`caption`, `text.yaml`) is the run config shipped in pipelines/."""
+    path = resolve_run_config(path)
     raw = read_yaml(path) if path else {}
     raw = apply_overrides(raw, [parse_override(o) for o in overrides])
     kind = raw.get("pipeline") or kind or (Path(path).stem if path else None)
@@ -28,6 +31,14 @@ def load_run_config(path: str | None, overrides: list[str] = (), kind: str | Non
     declared = importlib.import_module(PIPELINES[kind]).KIND
     raw["pipeline"] = kind
     return declared, from_dict(declared.config, raw)
+
+
+def resolve_run_config(path: str | None) -> str | None:
+    """`path` itself when it is a file; else the shipped pipelines/ config of that bare name, if any."""
+    if not path or os.path.isfile(path):
+        return path
+    shipped = presets.find("pipelines", path)
+    return str(shipped) if shipped else path
 
 
 def search_dirs(path: str | None) -> tuple[str, ...]:
@@ -48,6 +59,7 @@ def run_pipeline(
     """
     from mm1data.pipelines.runner import absolute, run
 
+    path = resolve_run_config(path)
     kind, cfg = load_run_config(path, overrides)
     if input_uri:  # flags win over the YAML; taken as strings, not YAML-parsed
         cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, path=input_uri))
@@ -61,3 +73,25 @@ def run_pipeline(
         input=dataclasses.replace(cfg.input, path=absolute(cfg.input.path)),
     )
     return run(kind, cfg, search_dirs(path), address)
+
+
+def show_config(path: str, overrides: list[str] = ()) -> str:
+    """The resolved run config as YAML that `mm1data run` takes back: the file, the --set overrides and every
+    default, with the filter chain inline as it would run (`mm1data config show`)."""
+    import math
+
+    import yaml
+
+    from mm1data.config import to_dict
+    from mm1data.filters import parse_chain
+
+    path = resolve_run_config(path)
+    kind, cfg = load_run_config(path, overrides)
+    chain = [
+        {"name": c.name, **{k: v for k, v in (("min", c.min), ("max", c.max)) if math.isfinite(v)}, **c.params}
+        for c in parse_chain(cfg.filters, search_dirs(path))
+    ]
+    spec = cfg.filters if isinstance(cfg.filters, str) else "an inline list"
+    head = f"# {kind.name} run config: {path or 'defaults'}" + (f" + {len(overrides)} --set" if overrides else "")
+    body = yaml.safe_dump({**to_dict(cfg), "filters": to_dict(chain)}, sort_keys=False, width=110)
+    return f"{head}\n# filters: {spec}, resolved below\n{body}"

@@ -44,7 +44,7 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
     clip_cpus = (1.0 if gpus else 0.5) * c.workers if c.enabled else 0.0
     dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0))
     out = [
-        Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*
+        Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*, original_*, status, error_message
             ImageDownloader,
             d,
             "before",
@@ -91,6 +91,8 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     meta = json.loads(row["extra"] or "{}")
     meta.update((k, None if isinstance(v, float) and v != v else v) for k, v in row.items() if k not in NOT_IN_JSON)
     meta.update(source=row["src_file"], row=row["src_row"])
+    if "error_message" in meta:
+        meta["error_message"] = meta["error_message"] or None  # img2dataset's null on success
     sample = CaptionSample(row["key"], row["caption"], row["image"], row["image_ext"], meta)
     return sample.to_members(), count_tokens(row["caption"])
 
@@ -129,6 +131,8 @@ KIND = Kind(
         "image_ext": pa.string(),
         "sha256": pa.string(),
         "download_error": pa.string(),
+        "status": pa.string(),  # img2dataset's status and error_message (download.img2dataset_columns)
+        "error_message": pa.string(),
     },
     payload=("image",),
     size_col="image_bytes",

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from mm1data import storage
 from mm1data.config import ConfigError, to_dict
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
+from mm1data.progress import Progress, StageSummary
 from mm1data.read import Unit, plan_units
 from mm1data.registry import get_filter
 from mm1data.shards import check_corpus_name
@@ -103,8 +103,17 @@ def init_ray(address: str | None) -> None:
     A bare ray.init() would join any cluster running on the machine, whose workers have another working dir."""
     import ray
 
+    from mm1data import progress
+
     if not ray.is_initialized():
-        ray.init(address=address or "local", log_to_driver=True, include_dashboard=False)
+        quiet = not progress.VERBOSE
+        ray.init(
+            address=address or "local",
+            log_to_driver=not quiet,  # workers' own lines (per-row failures are data, in meta and the funnel)
+            include_dashboard=False,
+            logging_level=logging.ERROR if quiet else logging.INFO,
+        )
+    progress.quiet_ray()
 
 
 def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
@@ -131,24 +140,42 @@ def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | 
             lease.release_unused()
             raise
         init_ray(address)
-        stage_rows(kind, cfg, chain, units)
+        per_row = stage_rows(kind, cfg, chain, units)
         lease.check()
-        t0 = time.perf_counter()
+        stages = [per_row] if per_row else []
         resolved = dataclasses.replace(cfg, filters=tuple(to_dict(chain)))  # the chain inline, as it ran
-        index = finalize(kind, resolved, units, run_id, kind.warnings(cfg), lease.check)
-        log.info("dedup, %d shards, meta and index.json in %.1fs", len(index["shards"]), time.perf_counter() - t0)
+        index = finalize(kind, resolved, units, run_id, kind.warnings(cfg), lease.check, stages=stages)
+    log.info("stage summary (rows in, rows out, wall time, throughput):")
+    for s in stages:
+        log.info("  %s", s.line())
     return index
 
 
-def stage_rows(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Unit]) -> None:
-    """The per-row half: every unit not yet staged, through the stage graph, into staging."""
+def stage_name(fn: Any) -> str:
+    """A per-row stage's name for the summary: ImageDownloader -> download, ClipScorer -> clip, text_hashes -> ..."""
+    name = getattr(fn, "__name__", str(fn))
+    return {"ImageDownloader": "download", "ClipScorer": "clip score"}.get(name, name)
+
+
+def stage_rows(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Unit]) -> StageSummary | None:
+    """The per-row half: every unit not yet staged, through the stage graph, into staging; its summary (None when
+    an earlier run staged everything)."""
     todo = pending_units(cfg.output, units)
     log.info("%d units, %d to process (%d staged by an earlier run)", len(units), len(todo), len(units) - len(todo))
+    summary = None
     if todo:
-        t0 = time.perf_counter()
-        staged = sum(int(b["rows"].sum()) for b in build(kind, cfg, chain, todo).iter_batches(batch_size=None))
-        log.info("staged %d rows in %.1fs", staged, time.perf_counter() - t0)
+        planned = [u.stop - u.start if u.fmt == "parquet" and u.stop else None for u in todo]
+        total = None if None in planned else sum(planned)  # rows are known up front for parquet row ranges only
+        rows = kept = 0
+        bar = Progress(f"{kind.name}: read, per-row stages, staging", total)
+        for b in build(kind, cfg, chain, todo).iter_batches(batch_size=None):
+            n = int(b["rows"].sum())
+            rows, kept = rows + n, kept + int(b["kept"].sum())
+            bar.update(n)
+        names = ", ".join(stage_name(s.fn) for s in kind.stages(cfg, 1))
+        summary = StageSummary("per-row", rows, kept, bar.close(), note=f"{len(todo)} units; filters, {names}")
     mark_staged(cfg.output, len(units))
+    return summary
 
 
 def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Unit]):

@@ -90,6 +90,12 @@ def check_output(out: str, rows: list[dict], expect: dict[int, str], source: str
     assert first["url"] == rows[0]["url"] and first["id"] == 0 and first["source"] == source
     assert first["width"] == 96 * first["orig_width"] // first["orig_height"] or first["height"] == 96
     assert isinstance(first["clip_score"], float) and samples[0]["txt"] == rows[0]["caption"].encode()
+    # img2dataset's field names beside ours, in the sample json and in the score store
+    assert (first["original_width"], first["original_height"]) == (first["orig_width"], first["orig_height"])
+    assert first["status"] == "success" and first["error_message"] is None
+    statuses = {m["drop_reason"]: (m["status"], m["error_message"]) for m in meta}
+    assert statuses["http_404"] == ("failed_to_download", "http_404")
+    assert statuses["decode_error"] == ("failed_to_resize", "decode_error")
     return index
 
 

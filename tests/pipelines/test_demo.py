@@ -1,4 +1,4 @@
-"""`mm1data demo` builds the interleaved, caption and text corpora, checks their manifest, streams packed batches."""
+"""`mm1data demo` builds every corpus, checks their manifest, streams packed batches, writes the reports, trains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mm1data.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
-    indexes = run_demo(str(tmp_path / "demo"), n=60, n_text=60, n_pages=16)
+    indexes = run_demo(str(tmp_path / "demo"), n=60, n_text=60, steps=3, n_pages=16)
     index = indexes["caption"]
     out = capsys.readouterr().out
     assert "kept" in out and "caption-000000.tar" in out
@@ -29,3 +29,8 @@ def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
     assert "interleaved-000000.tar" in out
     assert "manifest check" in out and "all present with their listed sizes" in out
     assert "input_ids [4, 4096]" in out and "images [4, 16, 3, 378, 378]" in out and "realised mix" in out
+    # the reports and what to open
+    for page in ("report-manifest.html", "interleaved/report.html", "caption/report.html", "text/report.html"):
+        assert os.path.join(tmp_path, "demo", page) in out
+        assert os.path.getsize(os.path.join(tmp_path, "demo", page)) > 10_000
+    assert "Open:" in out and os.path.join(tmp_path, "demo", "train", "metrics.jsonl") in out
