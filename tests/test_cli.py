@@ -62,7 +62,7 @@ def test_run_help_lists_pipelines_presets_and_keys(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    assert "caption, text" in out and "caption_datacomp" in out and "text_gopher" in out
+    assert "caption, interleaved, text" in out and "caption_datacomp" in out and "interleaved_obelics" in out
     for kind, keys in MAIN_KEYS.items():  # every key the help names exists in that kind's config
         _, cfg = load_run_config(kind)
         for key in keys.split(", "):
