@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from conftest import jpeg
 
-from mm1data.demo import ImageServer, Route, crawl_to_warc, make_web_site
+from mm1data.demo import FRENCH, ImageServer, Route, crawl_to_warc, make_web_site
 from mm1data.loader import MixtureDataset
 from mm1data.manifest import load_manifest
 from mm1data.pipelines import run_pipeline
@@ -131,7 +131,7 @@ def test_obelics_end_to_end(ray_session, tmp_path):
 @pytest.mark.slow
 def test_mmc4_and_obelics_preset(ray_session, tmp_path):
     """MMC4 form through the OBELICS preset: images placed after their matched sentence, a small image and a logo
-    URL removed by the image rules, a short paragraph removed by the paragraph rules."""
+    URL removed by the image rules, a short and a French paragraph removed by the paragraph rules."""
     text = (
         "The old river carried the heavy boats past the quiet village and the people watched them from the "
         "bridge while the children counted every boat that went by in the warm evening light of summer."
@@ -146,7 +146,7 @@ def test_mmc4_and_obelics_preset(ray_session, tmp_path):
         srv.routes["/site-logo.jpg"] = Route(jpeg(300, 300, seed=3))
         doc = {
             "url": "https://mmc4.example/a",
-            "text_list": [text, "Too short.", other],
+            "text_list": [text, "Too short.", other, FRENCH],
             "image_info": [
                 {"raw_url": srv.url("/big.jpg"), "matched_text_index": 2, "matched_sim": 0.3},
                 {"raw_url": srv.url("/small.jpg"), "matched_text_index": 0},
@@ -159,7 +159,8 @@ def test_mmc4_and_obelics_preset(ray_session, tmp_path):
         index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, [*TINY, "relevance.min=-1"])
     (m,) = pq.read_table(os.path.join(out, "meta")).to_pylist()
     assert m["drop_reason"] == "", m
-    assert [t is not None for t in m["texts"]] == [True, False, False, True, True, False]
+    assert [t is not None for t in m["texts"]] == [True, False, False, True, True, False, True]
+    assert m["seg_reason"][6] == "para_lang"  # a French paragraph in an English document
     assert m["seg_reason"][1] == "img_min_side" and m["seg_reason"][2] == "img_url_words"
     assert m["seg_reason"][3].startswith("para_")
     (sample,) = members_of(os.path.join(out, index["shards"][0]["path"])).values()
