@@ -5,8 +5,8 @@ on pixel tensors made beforehand), on CPU in fp32 and, where CUDA is present, on
     python bench/recaption.py [--model coca_ViT-B-32] [--n 16] [--batch 8] [--max-tokens 30] [--ray]
 
 Weights are random (`pretrained: null`): the speed is the same as trained weights' per generated token, but random
-CoCa weights give all-zero logits, so no caption ever ends early: every caption runs to --max-tokens, the worst case
-(a trained model's captions end sooner). Stage and model alone run batch by batch in turn, so load changes on a
+weights almost never pick the end token, so every caption runs to --max-tokens, the worst case (a trained model's
+captions end sooner). Stage and model alone run batch by batch in turn, so load changes on a
 shared machine hit both alike; the figures are wall time and CPU time (images per CPU-second = per core).
 --ray also runs the stage as the pipeline does, on a Ray Data actor pool, and prints the worker's peak memory.
 """

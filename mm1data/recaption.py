@@ -91,6 +91,12 @@ class CocaCaptioner:
             raise ValueError(f"recaption.model {cfg.model!r} is not a CoCa model (it has no text decoder)")
         if not hasattr(self.tokenizer, "sot_token_id"):
             raise ValueError(f"recaption.model {cfg.model!r}: only CoCa models with open_clip's CLIP tokenizer")
+        proj = getattr(self.model.text_decoder, "text_projection", None)
+        if cfg.pretrained is None and proj is not None:
+            # open_clip 3.3 leaves the decoder's output projection as torch.empty (its init_parameters, which would
+            # set it, fails and is never called): whatever the allocator hands back (zeros, old data, NaN) would
+            # decide the "random" captions. The std is the one that init_parameters means to use.
+            torch.nn.init.normal_(proj.data, std=proj.shape[0] ** -0.5)
         prec = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self.images = ImagePreprocessor(preprocess, self.model, self.device)
