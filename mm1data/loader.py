@@ -219,7 +219,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     Items: {"source", "kind", "key", "text" (caption or document text; interleaved: the segments list),
     "images" (PIL RGB images in document order, or their bytes with decode_images=False), "json" (the sample's
     json), "epoch", "position" (global position in the epoch), "shard", "replaced" (the unreadable draws this
-    item stands in for, as [shard, sample, error]; usually empty)}.
+    item stands in for, as [shard, sample, error]; usually empty)}, and for a caption source "caption" ("alt" or
+    "synthetic": which caption "text" is, as the manifest's `caption` chose; see 8. above).
 
     Every position yields an item: a sample that cannot be read is replaced by the next readable draw of the same
     source (counted in `errors`, logged), so all ranks yield the same count and DDP never waits at an epoch end.
