@@ -118,6 +118,7 @@ def main() -> None:
 
     from mm1data.recaption import CocaCaptioner, RecaptionConfig
 
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they come (runs are long on a shared CPU)
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="coca_ViT-B-32")  # the smallest CoCa open_clip ships
     p.add_argument("--n", type=int, default=16)
