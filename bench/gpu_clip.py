@@ -60,9 +60,9 @@ def main() -> None:
     print(f"GPU bf16: {a.n / g_t:,.0f} pairs/s ({a.n} pairs, batch {a.batch})")
 
     t0 = time.perf_counter()
-    list(gpu.pool.map(gpu._pixels, images[:2048]))
+    list(gpu.images.pool.map(gpu.images._pixels, images[:2048]))
     print(
-        f"  of which decode + resize alone ({len(gpu.pool._threads) or 'n'} threads): "
+        f"  of which decode + resize alone ({len(gpu.images.pool._threads) or 'n'} threads): "
         f"{min(2048, a.n) / (time.perf_counter() - t0):,.0f} images/s"
     )
     cpu = ClipScorer(ClipConfig(model=a.model, pretrained=None, device="cpu", precision="fp32"))

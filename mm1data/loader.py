@@ -37,6 +37,11 @@ The design (MosaicML streaming's ideas on webdataset shards; no Ray, no local co
    checked at construction.
 7. A source's `holdout: N` samples (evenly spaced over its shards in index order) are left out of the draws;
    holdout_items() reads them for a held-out loss.
+8. A caption source yields its alt-text (KEY.txt), its synthetic caption (KEY.syn.txt, `caption: synthetic`) or,
+   with `caption: mix`, the synthetic one with probability `synthetic_prob` by a coin that is a hash of (seed,
+   source, epoch, position, key): the same on every rank and worker and after a resume, with no state. A sample
+   without a synthetic caption yields its alt-text (a corpus with none is refused when the manifest is resolved).
+   item["caption"] says which one came.
 
 Limits: a replacement repeats a sample (its own position still yields it); `errors` counts what this process read
 (MixtureLoader.errors counts what reached the main process, from the items); set_epoch()/load_state_dict() reach
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -94,9 +100,11 @@ class _SourceFiles:
     training sample is found in O(log holdout) with no table."""
 
     def __init__(
-        self, name: str, kind: str, root: str, shards: list[dict[str, Any]], where: str, holdout: int = 0
-    ) -> None:
+        self, name: str, kind: str, root: str, shards: list[dict[str, Any]], where: str, holdout: int = 0,
+        synthetic: float = 0.0,
+    ) -> None:  # fmt: skip
         self.name, self.kind = name, kind
+        self.synthetic = synthetic  # chance that a sample yields its synthetic caption (manifest `caption`)
         self.tars = [shard_uri(root, s["path"], where) for s in shards]
         self.idxs = [shard_uri(root, s.get("offsets") or s["path"][: -len(".tar")] + ".idx", where) for s in shards]
         self.sizes = np.array([s["num_samples"] for s in shards], dtype=object)
@@ -211,7 +219,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     Items: {"source", "kind", "key", "text" (caption or document text; interleaved: the segments list),
     "images" (PIL RGB images in document order, or their bytes with decode_images=False), "json" (the sample's
     json), "epoch", "position" (global position in the epoch), "shard", "replaced" (the unreadable draws this
-    item stands in for, as [shard, sample, error]; usually empty)}.
+    item stands in for, as [shard, sample, error]; usually empty)}, and for a caption source "caption" ("alt" or
+    "synthetic": which caption "text" is, as the manifest's `caption` chose; see 8. above).
 
     Every position yields an item: a sample that cannot be read is replaced by the next readable draw of the same
     source (counted in `errors`, logged), so all ranks yield the same count and DDP never waits at an epoch end.
@@ -257,7 +266,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {short(rank)} is not in [0, world_size={world_size})")
         resolved = resolve_sources(manifest)
         self.unit = manifest.unit
-        self.sources = [_SourceFiles(s.name, s.kind, s.root, s.shards, s.index_uri, s.holdout) for s in resolved]
+        self.sources = [
+            _SourceFiles(s.name, s.kind, s.root, s.shards, s.index_uri, s.holdout, s.synthetic_share) for s in resolved
+        ]
         self.seed = manifest.seed if seed is None else seed
         self.mixture = _Mixture(
             draw_probabilities(resolved, manifest.unit), [s.train_sizes for s in self.sources], self.seed, shuffle,
@@ -598,6 +609,14 @@ class _Reader:
         except Exception as e:  # a corrupt sample is data, not a bug: replaced (or skipped) and counted
             return None, f"{type(e).__name__}: {e}"
         item.update(source=src.name, kind=src.kind, epoch=self.epoch, position=g, shard=src.tars[shard])
+        synthetic = item.pop("synthetic", None)
+        if src.kind == "caption":
+            use = synthetic is not None and src.synthetic > 0
+            if use and src.synthetic < 1:
+                use = _coin(self.ds.seed, src.name, self.epoch, g, item["key"]) < src.synthetic
+            item["caption"] = "synthetic" if use else "alt"
+            if use:
+                item["text"] = synthetic
         return item, None
 
     def _replacement(self, s: int, k: int, g: int, failures: list[tuple]) -> dict[str, Any]:
@@ -709,6 +728,14 @@ def _tarfile_members(data: bytes) -> dict[str, bytes]:
     return members
 
 
+def _coin(seed: int, source: str, epoch: int | None, position: int | None, key: str) -> float:
+    """A uniform number in [0, 1) for the caption mix: a hash, not a generator, because it must be a pure function
+    of the sample's place in the stream (any rank, any worker, after a resume) and cost ~1 us, not a Generator's
+    ~30 us."""
+    digest = hashlib.blake2b(f"{seed}/{source}/{epoch}/{position}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
 def _caption_fields(members: dict[str, bytes], meta: dict[str, Any]) -> tuple[Any, list[bytes]]:
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
@@ -739,7 +766,10 @@ def _decode(kind: str, data: bytes, decode_images: bool, image_size: int | None 
     text, images = KIND_FIELDS[kind](members, meta)
     if decode_images:
         images = [_open_image(b, image_size) for b in images]
-    return {"key": key, "text": text, "images": images, "json": meta}
+    item = {"key": key, "text": text, "images": images, "json": meta}
+    if "syn.txt" in members:  # a caption's synthetic caption (the caller picks which text the item yields)
+        item["synthetic"] = members["syn.txt"].decode("utf-8")
+    return item
 
 
 def _open_image(data: bytes, size: int | None = None) -> Image.Image:

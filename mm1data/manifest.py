@@ -23,6 +23,7 @@ from mm1data.shards import shard_uri
 # weight divided by its mean units per sample, so the mixed stream delivers `unit` in the weights' ratio.
 UNITS: dict[str, str] = {"samples": "samples", "tokens": "tokens", "images": "images"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+CAPTIONS = ("alt", "synthetic", "mix")  # which caption a caption source yields: KEY.txt, KEY.syn.txt, a seeded mix
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,19 @@ class Source:
     weight: float  # relative; normalised across sources, counted in the manifest's unit
     sha256: str | None = None  # pin: sha256 of the index.json bytes; a different index is an error
     holdout: int = 0  # samples set aside (evenly spaced in index order), never trained on: held-out loss
+    caption: str = "alt"  # caption sources: alt (KEY.txt) | synthetic (KEY.syn.txt) | mix (synthetic_prob of each)
+    synthetic_prob: float = 0.5  # with caption: mix, the chance that a sample yields its synthetic caption
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("a source needs a name")
+        if self.caption not in CAPTIONS:
+            raise ConfigError(
+                f"source {self.name!r}: caption must be one of {', '.join(CAPTIONS)}, got {self.caption!r}"
+            )
+        p = self.synthetic_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1):
+            raise ConfigError(f"source {self.name!r}: synthetic_prob must be a number in [0, 1], got {p!r}")
         if self.holdout < 0:
             raise ConfigError(f"source {self.name!r}: holdout must be >= 0, got {self.holdout}")
         if not (math.isfinite(self.weight) and self.weight >= 0):
@@ -116,6 +126,18 @@ class ResolvedSource:
     index_uri: str
     index: dict[str, Any]
     holdout: int = 0  # held-out samples (Source.holdout), not in the training stream
+    caption: str = "alt"  # Source.caption
+    synthetic_prob: float = 0.5  # Source.synthetic_prob
+
+    @property
+    def synthetic_share(self) -> float:
+        """The chance that a sample of this source yields its synthetic caption (when it has one)."""
+        return {"alt": 0.0, "synthetic": 1.0, "mix": float(self.synthetic_prob)}[self.caption]
+
+    @property
+    def synthetic_samples(self) -> int:
+        """Samples with a synthetic caption (KEY.syn.txt): the recaptioned kept rows of the corpus' funnel."""
+        return int(self.index.get("funnel", {}).get("recaptioned", 0))
 
     @property
     def kind(self) -> str:
@@ -164,7 +186,14 @@ def resolve_sources(manifest: Manifest) -> list[ResolvedSource]:
             raise ConfigError(f"source {s.name!r}: {uri}: shards must be a list")
         if s.holdout and s.holdout >= (n := sum(int(sh["num_samples"]) for sh in shards)):
             raise ConfigError(f"source {s.name!r}: holdout {s.holdout} leaves none of its {n} samples to train on")
-        out.append(ResolvedSource(s.name, s.weight, uri, index, s.holdout))
+        resolved = ResolvedSource(s.name, s.weight, uri, index, s.holdout, s.caption, s.synthetic_prob)
+        if s.caption != "alt" and (kind != "caption" or resolved.synthetic_samples == 0):
+            what = f"a {kind} corpus" if kind != "caption" else "a corpus without synthetic captions"
+            raise ConfigError(
+                f"source {s.name!r}: caption: {s.caption} needs synthetic captions, but {uri} is {what} "
+                "(build it with --set recaption.enabled=true, or use caption: alt)"
+            )
+        out.append(resolved)
     return out
 
 
@@ -269,6 +298,9 @@ def check_manifest(manifest: Manifest, budget_tokens: int | None = None) -> dict
                 "bytes": s.total("bytes"),
                 "weight": s.weight,
                 "holdout": s.holdout,
+                "caption": s.caption,
+                "synthetic_prob": s.synthetic_share,
+                "synthetic_samples": s.synthetic_samples,
                 "weight_share": s.weight / total_weight,
                 "draw_probability": p,
                 "share_samples": float(shares["samples"][i]),
@@ -304,9 +336,10 @@ def format_report(report: dict[str, Any]) -> str:
         "sh.tokens",
         "sh.images",
         "epochs",
+        "caption",
     )
     lines = [f"manifest {report['name']}: weights count {report['unit']}, seed {report['seed']}"]
-    fmt = "{:<14} {:<11} {:>12} {:>12} {:>15} {:>7} {:>10} {:>10} {:>10} {:>9}"
+    fmt = "{:<14} {:<11} {:>12} {:>12} {:>15} {:>7} {:>10} {:>10} {:>10} {:>9}  {}"
     lines.append(fmt.format(*head))
     for r in report["sources"]:
         epochs = "-" if r["epochs"] is None else f"{r['epochs']:.3g}"
@@ -322,11 +355,12 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{r['share_tokens']:.1%}",
                 f"{r['share_images']:.1%}",
                 epochs,
+                _caption_choice(r),
             )
         )
     t = report["totals"]
     lines.append(
-        fmt.format("total", "", f"{t['samples']:,}", f"{t['images']:,}", f"{t['tokens']:,}", *[""] * 5).rstrip()
+        fmt.format("total", "", f"{t['samples']:,}", f"{t['images']:,}", f"{t['tokens']:,}", *[""] * 6).rstrip()
     )
     lines.append(f"{t['shards']:,} shards, {t['bytes'] / 1e6:,.1f} MB, all present with their listed sizes")
     drawn = [r for r in report["sources"] if r["budget_per_epoch"]]
@@ -339,3 +373,12 @@ def format_report(report: dict[str, Any]) -> str:
     elif report["budget_tokens"] is not None:
         lines.append(f"budget: {report['budget_tokens']:,} text tokens ({report['tokens_per_sample']:.1f} per sample)")
     return "\n".join(lines)
+
+
+def _caption_choice(row: dict[str, Any]) -> str:
+    """The caption column of the report: alt | synthetic | mix 30% synthetic, with how many samples have one."""
+    if row["kind"] != "caption":
+        return "-"
+    choice = {"alt": "alt", "synthetic": "synthetic", "mix": f"mix {row['synthetic_prob']:.0%} synthetic"}
+    have = row["synthetic_samples"]
+    return f"{choice[row['caption']]} ({have:,} with a synthetic caption)" if have else choice[row["caption"]]

@@ -23,25 +23,32 @@ def count_tokens(text: str) -> int:
 
 @dataclass(slots=True)
 class CaptionSample:
-    """One image-caption pair; to_members() gives {key}.jpg (or .png/.webp), {key}.txt, {key}.json."""
+    """One image-caption pair; to_members() gives {key}.jpg (or .png/.webp), {key}.txt (the alt-text), {key}.json and,
+    when there is a synthetic caption, {key}.syn.txt (webdataset member `syn.txt` of sample {key}: a key ends at its
+    first dot)."""
 
     key: str  # 16 hex chars, no dots
-    caption: str
+    caption: str  # the alt-text, as in the input
     image: bytes
     image_ext: str = "jpg"
     meta: dict[str, Any] = field(default_factory=dict)  # url, width, height, sha256, clip_score, source, ...
+    synthetic: str = ""  # a model's caption of the image (recaption stage); "" = none, no member
 
     def to_members(self) -> dict[str, bytes]:
-        return {
+        members = {
             f"{self.key}.{self.image_ext}": self.image,
             f"{self.key}.json": json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode(),
-            f"{self.key}.txt": self.caption.encode("utf-8"),
         }
+        if self.synthetic:
+            members[f"{self.key}.syn.txt"] = self.synthetic.encode("utf-8")
+        members[f"{self.key}.txt"] = self.caption.encode("utf-8")
+        return members
 
     @classmethod
     def from_members(cls, key: str, members: dict[str, bytes]) -> CaptionSample:
         ext = next(e for e in IMAGE_EXTS if e in members)
-        return cls(key, members["txt"].decode("utf-8"), members[ext], ext, json.loads(members["json"]))
+        synthetic = members["syn.txt"].decode("utf-8") if "syn.txt" in members else ""
+        return cls(key, members["txt"].decode("utf-8"), members[ext], ext, json.loads(members["json"]), synthetic)
 
 
 @dataclass(slots=True)

@@ -167,6 +167,7 @@ def test_check_table(mix, capsys):
         "71.3%",
         "66.7%",
         "158",
+        "-",  # caption choice: only caption sources have one
     ]
     assert "budget: 1,000,000 text tokens" in out
 

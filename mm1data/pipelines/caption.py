@@ -1,4 +1,5 @@
-"""Image-caption pairs: read -> download -> filter -> clip score -> threshold -> stage, then URL and image dedup."""
+"""Image-caption pairs: read -> download -> filter -> clip score -> threshold -> [recaption] -> stage, then URL and
+image dedup."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mm1data.dedup import ExactDedup
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
 from mm1data.read import InputConfig, read_unit
+from mm1data.recaption import CocaCaptioner, RecaptionConfig
 from mm1data.schema import CaptionSample, count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
 
@@ -33,16 +35,19 @@ class Config(RunConfig):
     download: DownloadConfig = field(default_factory=DownloadConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    recaption: RecaptionConfig = field(default_factory=RecaptionConfig)  # synthetic captions (KEY.syn.txt)
 
 
 def stages(cfg: Config, cpus: int) -> list[Stage]:
-    """Download on an actor pool (threads inside), then CLIP on its own pool (a GPU each when the cluster has GPUs)."""
-    d, c = cfg.download, cfg.clip
-    gpus = _clip_gpus(c)
+    """Download on an actor pool (threads inside), then CLIP on its own pool, then (after every filter) recaptioning
+    on its own pool; the model pools take a GPU per actor when the cluster has GPUs."""
+    d, c, r = cfg.download, cfg.clip, cfg.recaption
+    gpus, r_gpus = _clip_gpus(c), _clip_gpus(r)
     # Actors hold their CPU share while idle, so leave one CPU for the tasks (read, repartition, filters, staging)
-    # or the pipeline starves on a small machine. A CPU-only CLIP actor is counted at 0.5.
+    # or the pipeline starves on a small machine. A CPU-only model actor is counted at 0.5.
     clip_cpus = (1.0 if gpus else 0.5) * c.workers if c.enabled else 0.0
-    dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0))
+    clip_cpus += (1.0 if r_gpus else 0.5) * r.workers if r.enabled else 0.0
+    dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0) - (r.workers if r.enabled else 0))
     out = [
         Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*, original_*, status, error_message
             ImageDownloader,
@@ -67,10 +72,23 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
                 provides=("clip_score",),
             )
         )
+    if r.enabled:
+        recaption = dataclasses.replace(r, pretrained=absolute(r.pretrained), model_config=absolute(r.model_config))
+        out.append(
+            Stage(  # -> + syn_caption ("" on rows dropped by a filter; dedup comes later, in split)
+                CocaCaptioner,
+                recaption,
+                "after",
+                batch_size=r.batch_size,
+                num_cpus=1.0 if r_gpus else 0.5,
+                num_gpus=r_gpus,
+                actors=(r.workers, r.workers),
+            )
+        )
     return out
 
 
-def _clip_gpus(c: ClipConfig) -> float | None:
+def _clip_gpus(c: ClipConfig | RecaptionConfig) -> float | None:
     if c.num_gpus is not None:
         return c.num_gpus or None
     import ray
@@ -80,6 +98,7 @@ def _clip_gpus(c: ClipConfig) -> float | None:
 
 # staged columns that are not sample metadata (tar members, internal, or always empty when kept)
 NOT_IN_JSON = {"image", "caption", "extra", "drop_reason", "image_ext", "download_error", "src_file", "src_row", "key"}
+NOT_IN_JSON.add("syn_caption")  # a tar member of its own (KEY.syn.txt)
 
 
 def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
@@ -93,7 +112,9 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     meta.update(source=row["src_file"], row=row["src_row"])
     if "error_message" in meta:
         meta["error_message"] = meta["error_message"] or None  # img2dataset's null on success
-    sample = CaptionSample(row["key"], row["caption"], row["image"], row["image_ext"], meta)
+    sample = CaptionSample(
+        row["key"], row["caption"], row["image"], row["image_ext"], meta, row.get("syn_caption") or ""
+    )
     return sample.to_members(), count_tokens(row["caption"])
 
 
@@ -111,14 +132,23 @@ def dedup(cfg: Config) -> list[ExactDedup]:
 def funnel(t: pa.Table) -> dict[str, int]:
     attempted = t["download_attempts"].to_numpy() > 0
     ok = t["download_error"].to_numpy(zero_copy_only=False) == ""
-    return {"downloaded": int(np.sum(attempted & ok))}
+    out = {"downloaded": int(np.sum(attempted & ok))}
+    if "syn_caption" in t.column_names:  # kept samples with a synthetic caption (what `caption: synthetic` reads)
+        kept = t["drop_reason"].to_numpy(zero_copy_only=False) == ""
+        out["recaptioned"] = int(np.sum(kept & (t["syn_caption"].to_numpy(zero_copy_only=False) != "")))
+    return out
 
 
 def warnings(cfg: Config) -> list[str]:
-    c = cfg.clip
+    c, r = cfg.clip, cfg.recaption
+    out = []
     if c.enabled and c.pretrained is None:
-        return [f"clip.pretrained is null: {c.model} ran with random weights; clip_score is noise"]
-    return []
+        out.append(f"clip.pretrained is null: {c.model} ran with random weights; clip_score is noise")
+    if r.enabled and r.pretrained is None:
+        out.append(
+            f"recaption.pretrained is null: {r.model} ran with random weights; the synthetic captions are noise"
+        )
+    return out
 
 
 KIND = Kind(
@@ -133,6 +163,7 @@ KIND = Kind(
         "download_error": pa.string(),
         "status": pa.string(),  # img2dataset's status and error_message (download.img2dataset_columns)
         "error_message": pa.string(),
+        "syn_caption": pa.string(),  # only with recaption.enabled
     },
     payload=("image",),
     size_col="image_bytes",
@@ -140,7 +171,12 @@ KIND = Kind(
     stages=stages,
     sample=build_sample,
     dedup=dedup,
-    fingerprint=lambda cfg: {"download": to_dict(cfg.download), "clip": to_dict(cfg.clip)},
+    fingerprint=lambda cfg: {
+        "download": to_dict(cfg.download),
+        "clip": to_dict(cfg.clip),
+        # None when off, so outputs staged before recaptioning existed still resume; on <-> off is a difference
+        "recaption": to_dict(cfg.recaption) if cfg.recaption.enabled else None,
+    },
     batch_size=lambda cfg: cfg.download.batch_size,
     read_cpus=0.1,
     funnel=funnel,

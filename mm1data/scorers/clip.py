@@ -38,8 +38,9 @@ class ClipConfig:
         check(self, "precision", choices=("auto", "fp32", "bf16", "fp16"))
 
 
-def load_clip(cfg: ClipConfig, device: str = "cpu"):
-    """-> (model, preprocess, tokenizer) with weights from a tag, a local path or s3://; null = random + warning."""
+def load_clip(cfg: ClipConfig, device: str = "cpu", section: str = "clip", output: str = "clip_score"):
+    """-> (model, preprocess, tokenizer) with weights from a tag, a local path or s3://; null = random + a warning
+    naming the config `section` and the `output` it makes meaningless. `cfg` needs model, pretrained, model_config."""
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIGS)
@@ -47,7 +48,7 @@ def load_clip(cfg: ClipConfig, device: str = "cpu"):
         open_clip.add_model_config(storage.local_copy(cfg.model_config))
     pretrained = cfg.pretrained
     if pretrained is None:
-        msg = f"clip.pretrained is null: {cfg.model} has random weights, so clip_score is meaningless"
+        msg = f"{section}.pretrained is null: {cfg.model} has random weights, so {output} is meaningless"
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
     elif storage.is_s3(pretrained):
@@ -55,6 +56,61 @@ def load_clip(cfg: ClipConfig, device: str = "cpu"):
     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(cfg.model)
+
+
+class ImagePreprocessor:
+    """Image bytes -> a normalised pixel batch on the device, with open_clip's eval transform of `preprocess`.
+
+    Decode + resize is CPU work that starves a GPU from one thread. PIL releases the GIL, torch's per-image
+    ToTensor/Normalize do not: open_clip's PIL steps run in threads, then the whole batch is converted and normalised
+    at once on the device (same mean/std as open_clip's transform)."""
+
+    def __init__(self, preprocess, model, device: str) -> None:
+        import torch
+
+        self.preprocess, self.device = preprocess, device
+        size = getattr(model.visual, "image_size", 224)
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.pool = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
+        steps = list(getattr(preprocess, "transforms", []))
+        names = [type(t).__name__ for t in steps]
+        self.batched = len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor")
+        if self.batched:
+            from torchvision.transforms import Compose
+
+            self.pil_steps = Compose(steps[:-2])
+            self.mean = torch.tensor(steps[-1].mean, device=device).view(1, 3, 1, 1)
+            self.std = torch.tensor(steps[-1].std, device=device).view(1, 3, 1, 1)
+
+    def _pixels(self, data: bytes):
+        from PIL import Image
+
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", self.input_size)  # JPEG: decode at the smallest DCT scale still >= the model's input
+        im = im.convert("RGB")
+        return np.asarray(self.pil_steps(im)) if self.batched else self.preprocess(im)
+
+    def _try_pixels(self, data: bytes):
+        try:
+            return self._pixels(data)
+        except Exception as e:  # a row's bad image is data: the caller leaves that row out
+            log.warning("image does not decode (%s: %s)", type(e).__name__, e)
+            return None
+
+    def __call__(self, images: list[bytes], skip_bad: bool = False):
+        """-> (pixels of the images that decode, on the device; their indices in `images`). Without skip_bad, an
+        image that does not decode raises."""
+        import torch
+
+        pixels = list(self.pool.map(self._try_pixels if skip_bad else self._pixels, images))
+        ok = np.array([i for i, p in enumerate(pixels) if p is not None], dtype=np.int64)
+        pixels = [pixels[i] for i in ok]
+        if not pixels:
+            return None, ok
+        if self.batched:
+            x = torch.from_numpy(np.stack(pixels)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            return (x - self.mean) / self.std, ok
+        return torch.stack(pixels).to(self.device), ok
 
 
 class ClipScorer:
@@ -67,42 +123,15 @@ class ClipScorer:
         self.model, self.preprocess, self.tokenizer = load_clip(cfg, self.device)
         prec = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-        size = getattr(self.model.visual, "image_size", 224)
-        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        # Decode + resize is CPU work that starves a GPU from one thread. PIL releases the GIL, torch's
-        # per-image ToTensor/Normalize do not: run open_clip's PIL steps in threads, then convert and
-        # normalise the whole batch at once on the device (same mean/std as open_clip's transform).
-        self.pool = ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
-        steps = list(getattr(self.preprocess, "transforms", []))
-        names = [type(t).__name__ for t in steps]
-        self.batched = len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor")
-        if self.batched:
-            from torchvision.transforms import Compose
-
-            self.pil_steps = Compose(steps[:-2])
-            self.mean = torch.tensor(steps[-1].mean, device=self.device).view(1, 3, 1, 1)
-            self.std = torch.tensor(steps[-1].std, device=self.device).view(1, 3, 1, 1)
-
-    def _pixels(self, data: bytes):
-        from PIL import Image
-
-        im = Image.open(io.BytesIO(data))
-        im.draft("RGB", self.input_size)  # JPEG: decode at the smallest DCT scale still >= the model's input
-        im = im.convert("RGB")
-        return np.asarray(self.pil_steps(im)) if self.batched else self.preprocess(im)
+        self.images = ImagePreprocessor(self.preprocess, self.model, self.device)
 
     def embed_images(self, images: list[bytes]):
         """Unit-norm image embeddings (float32, on the device), one per encoded image."""
         import torch
 
-        pixels = list(self.pool.map(self._pixels, images))
-        if self.batched:
-            x = torch.from_numpy(np.stack(pixels)).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-            pixels = (x - self.mean) / self.std
-        else:
-            pixels = torch.stack(pixels)
+        pixels, _ = self.images(images)
         with torch.inference_mode(), torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.model.encode_image(pixels.to(self.device), normalize=True).float()
+            return self.model.encode_image(pixels, normalize=True).float()
 
     def embed_texts(self, texts: list[str]):
         """Unit-norm text embeddings (float32, on the device); a text past the context length is truncated."""

@@ -380,11 +380,14 @@ def evaluate(
 
 def manifest_fingerprint(manifest: Manifest) -> str:
     """sha256 of what decides the data stream: seed, unit, sequence shape, and per source its name, weight,
-    holdout and the bytes of its index.json (the corpus' shards; a moved corpus keeps its fingerprint)."""
+    holdout, caption choice and the bytes of its index.json (the corpus' shards; a moved corpus keeps its
+    fingerprint). The caption choice enters only when it is not the alt-text, so older checkpoints still match."""
     sources = []
     for s, r in zip(manifest.sources, resolve_sources(manifest)):
         digest = hashlib.sha256(storage.read_bytes(r.index_uri)).hexdigest()
         sources.append({"name": s.name, "weight": s.weight, "holdout": s.holdout, "index_sha256": digest})
+        if r.synthetic_share:
+            sources[-1]["synthetic"] = r.synthetic_share
     doc = {"seed": manifest.seed, "unit": manifest.unit, "sequence": to_dict(manifest.sequence), "sources": sources}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
