@@ -142,7 +142,8 @@ EPILOG = """quick start:
 MAIN_KEYS = {
     "caption": "input.url_col, input.caption_col, input.rows_per_unit, download.threads, download.timeout_s, "
     "download.retries, download.image_size, download.resize_mode, download.allow_private_hosts, filters, "
-    "clip.model, clip.pretrained, clip.workers, dedup.url, dedup.image_sha256, shards.samples_per_shard",
+    "clip.model, clip.pretrained, clip.workers, recaption.enabled, recaption.model, recaption.pretrained, dedup.url, "
+    "dedup.image_sha256, shards.samples_per_shard",
     "interleaved": "input.form, input.texts_col, input.images_col, input.rows_per_unit, input.max_images, "
     "download.threads, download.timeout_s, download.image_size, filters, relevance.enabled, relevance.min, "
     "relevance.model, relevance.pretrained, dedup.url, dedup.image_set, dedup.max_image_docs, "
