@@ -34,6 +34,8 @@ bench: install
 	$(PY) bench/fidelity.py
 	$(PY) bench/text.py
 	$(PY) bench/scale.py
+	$(PY) bench/interleaved.py
+	$(PY) bench/recaption.py
 
 lint: install
 	$(VENV)/bin/ruff check mm1data tests bench
