@@ -3,7 +3,6 @@ image dedup."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ import pyarrow as pa
 from mm1data.config import to_dict
 from mm1data.dedup import ExactDedup
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
+from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage
 from mm1data.read import InputConfig, read_unit
 from mm1data.recaption import CocaCaptioner, RecaptionConfig
 from mm1data.schema import CaptionSample, count_tokens
@@ -42,11 +41,9 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
     """Download on an actor pool (threads inside), then CLIP on its own pool, then (after every filter) recaptioning
     on its own pool; the model pools take a GPU per actor when the cluster has GPUs."""
     d, c, r = cfg.download, cfg.clip, cfg.recaption
-    gpus, r_gpus = _clip_gpus(c), _clip_gpus(r)
     # Actors hold their CPU share while idle, so leave one CPU for the tasks (read, repartition, filters, staging)
-    # or the pipeline starves on a small machine. A CPU-only model actor is counted at 0.5.
-    clip_cpus = (1.0 if gpus else 0.5) * c.workers if c.enabled else 0.0
-    clip_cpus += (1.0 if r_gpus else 0.5) * r.workers if r.enabled else 0.0
+    # or the pipeline starves on a small machine.
+    model_cpu = model_cpus(c) + model_cpus(r)
     dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0) - (r.workers if r.enabled else 0))
     out = [
         Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*, original_*, status, error_message
@@ -54,46 +51,15 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
             d,
             "before",
             batch_size=d.batch_size,
-            num_cpus=min(0.5, max(0.05, (cpus - 1 - clip_cpus) / dl_workers)),
+            num_cpus=min(0.5, max(0.05, (cpus - 1 - model_cpu) / dl_workers)),
             actors=(dl_workers, dl_workers),
         )
     ]
-    if c.enabled:
-        clip = dataclasses.replace(c, pretrained=absolute(c.pretrained), model_config=absolute(c.model_config))
-        out.append(
-            Stage(  # -> + clip_score (NaN on rows already dropped)
-                ClipScorer,
-                clip,
-                "score",
-                batch_size=c.batch_size,
-                num_cpus=1.0 if gpus else 0.5,
-                num_gpus=gpus,
-                actors=(c.workers, c.workers),
-                provides=("clip_score",),
-            )
-        )
-    if r.enabled:
-        recaption = dataclasses.replace(r, pretrained=absolute(r.pretrained), model_config=absolute(r.model_config))
-        out.append(
-            Stage(  # -> + syn_caption ("" on rows dropped by a filter; dedup comes later, in split)
-                CocaCaptioner,
-                recaption,
-                "after",
-                batch_size=r.batch_size,
-                num_cpus=1.0 if r_gpus else 0.5,
-                num_gpus=r_gpus,
-                actors=(r.workers, r.workers),
-            )
-        )
+    if c.enabled:  # -> + clip_score (NaN on rows already dropped)
+        out.append(model_stage(ClipScorer, c, "score", c.batch_size, provides=("clip_score",)))
+    if r.enabled:  # -> + syn_caption ("" on rows dropped by a filter; dedup comes later, in split)
+        out.append(model_stage(CocaCaptioner, r, "after", r.batch_size))
     return out
-
-
-def _clip_gpus(c: ClipConfig | RecaptionConfig) -> float | None:
-    if c.num_gpus is not None:
-        return c.num_gpus or None
-    import ray
-
-    return float(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0) or None
 
 
 # staged columns that are not sample metadata (tar members, internal, or always empty when kept)

@@ -9,7 +9,6 @@ every paragraph and image with its scores (meta/ a row per document, meta_images
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import pyarrow as pa
 from mm1data.config import check, to_dict
 from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, absolute
+from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
@@ -231,9 +230,9 @@ def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
 
 
 def stages(cfg: Config, cpus: int) -> list[Stage]:
+    """Download on an actor pool (threads inside), relevance on its own pool (a GPU each when the cluster has GPUs),
+    then the document finish after every filter."""
     d, r = cfg.download, cfg.relevance
-    gpus = _gpus(r)
-    rel_cpus = ((1.0 if gpus else 0.5) * r.workers) if r.enabled else 0.0
     dl_workers = d.workers or max(1, cpus - (r.workers if r.enabled else 0))
     out = [
         Stage(  # -> + image, image_* per position
@@ -241,32 +240,14 @@ def stages(cfg: Config, cpus: int) -> list[Stage]:
             (d, cfg.dedup.in_document),
             "before",
             batch_size=cfg.batch_size,
-            num_cpus=min(0.5, max(0.05, (cpus - 1 - rel_cpus) / dl_workers)),
+            num_cpus=min(0.5, max(0.05, (cpus - 1 - model_cpus(r)) / dl_workers)),  # one CPU left for the tasks
             actors=(dl_workers, dl_workers),
         )
     ]
-    if r.enabled:
-        rel = dataclasses.replace(r, pretrained=absolute(r.pretrained), model_config=absolute(r.model_config))
-        out.append(
-            Stage(  # -> + image_relevance, image_best_segment
-                Relevance,
-                rel,
-                "score",
-                batch_size=cfg.batch_size,
-                num_cpus=1.0 if gpus else 0.5,
-                num_gpus=gpus,
-                actors=(r.workers, r.workers),
-                provides=("image_relevance",),
-            )
-        )
+    if r.enabled:  # -> + image_relevance, image_best_segment
+        out.append(model_stage(Relevance, r, "score", cfg.batch_size, provides=("image_relevance",)))
     out.append(Stage(finish_documents, None, "after", batch_size=cfg.batch_size, num_cpus=0.25))
     return out
-
-
-def _gpus(c: ClipConfig) -> float | None:
-    from mm1data.pipelines.caption import _clip_gpus
-
-    return _clip_gpus(c)
 
 
 # ---- corpus-wide ---------------------------------------------------------------------------------------------

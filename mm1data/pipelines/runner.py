@@ -91,6 +91,38 @@ class Kind:
     items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None
 
 
+def model_gpus(c: Any) -> float | None:
+    """GPUs per actor of a model stage (CLIP, relevance, recaption): its `num_gpus` when set, else 1 when the
+    cluster has GPUs, else none."""
+    if c.num_gpus is not None:
+        return c.num_gpus or None
+    import ray
+
+    return float(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0) or None
+
+
+def model_cpus(c: Any) -> float:
+    """CPUs a model stage's actors hold while the run lasts: a CPU-only actor is counted at 0.5 (0 if disabled)."""
+    return (1.0 if model_gpus(c) else 0.5) * c.workers if c.enabled else 0.0
+
+
+def model_stage(cls: type, c: Any, place: str, batch_size: int, provides: tuple[str, ...] = ()) -> Stage:
+    """A model (open_clip weights: `c.model`, `c.pretrained`, `c.model_config`) on an actor pool of `c.workers`
+    actors, a GPU each when model_gpus says so; local weight paths made absolute (actors may run elsewhere)."""
+    gpus = model_gpus(c)
+    c = dataclasses.replace(c, pretrained=absolute(c.pretrained), model_config=absolute(c.model_config))
+    return Stage(
+        cls,
+        c,
+        place,
+        batch_size=batch_size,
+        num_cpus=1.0 if gpus else 0.5,
+        num_gpus=gpus,
+        actors=(c.workers, c.workers),
+        provides=provides,
+    )
+
+
 def absolute(path: str | None) -> str | None:
     """A local path made absolute (Ray workers may run elsewhere); s3:// URIs and names stay as they are."""
     if not path or storage.is_s3(path) or "://" in path or os.path.isabs(path):
