@@ -23,7 +23,7 @@ browser:
 demo: install
 	$(VENV)/bin/mm1data demo --out demo_out
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install
