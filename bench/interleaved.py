@@ -314,6 +314,8 @@ def side(kind: str, warc: str) -> dict[str, Any]:
         cpu, wall = time.process_time() - t, time.perf_counter() - wall
         n = len(pages)
     else:
+        import fastwarc.warc  # noqa: F401  (its import off the clock, as extract's above)
+
         from mm1data.read import InterleavedInputConfig, plan_units, read_interleaved_unit
 
         cfg = InterleavedInputConfig(path=warc)
