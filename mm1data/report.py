@@ -40,8 +40,16 @@ BATCH_ROWS = 65_536
 # Histograms: (title, candidate column groups); the first group whose columns all exist is drawn, each column a series
 HISTOGRAMS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("CLIP score", (("clip_score",),)),
-    ("image size (px, as fetched)", (("original_width", "original_height"), ("orig_width", "orig_height"))),
-    ("image size (px, stored)", (("width", "height"),)),
+    ("image-text relevance (CLIP)", (("image_relevance",),)),
+    (
+        "image size (px, as fetched)",
+        (
+            ("original_width", "original_height"),
+            ("orig_width", "orig_height"),
+            ("image_orig_width", "image_orig_height"),
+        ),
+    ),
+    ("image size (px, stored)", (("width", "height"), ("image_width", "image_height"))),
     (
         "document length",
         (("text_tokens",), ("num_tokens",), ("tokens",), ("text_bytes",), ("text_chars",), ("caption_chars",)),
@@ -83,6 +91,8 @@ class Series:
             self.lo, self.hi, self.n = min(self.lo, float(v.min())), max(self.hi, float(v.max())), self.n + len(v)
 
     def bin(self, values: np.ndarray, kept: np.ndarray) -> None:
+        if not self.n:  # no finite value anywhere: nothing to draw (the chart is left out)
+            return
         if self.edges is None:
             hi = self.hi if self.hi > self.lo else self.lo + 1.0
             self.edges = np.linspace(self.lo, hi, BINS + 1)
@@ -102,8 +112,8 @@ class CorpusStats:
     rows: int = 0
 
 
-def meta_parts(root: str) -> list[str]:
-    return sorted(f for f in storage.list_files(storage.join(root, "meta"), recursive=False) if f.endswith(".parquet"))
+def meta_parts(root: str, folder: str = "meta") -> list[str]:
+    return sorted(f for f in storage.list_files(storage.join(root, folder), recursive=False) if f.endswith(".parquet"))
 
 
 def _batches(parts: list[str], columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
@@ -131,10 +141,11 @@ def _numeric_columns(parts: list[str]) -> tuple[list[str], list[str]]:
     return list(names), [n for n, numeric in names.items() if numeric]
 
 
-def read_corpus(root: str) -> CorpusStats:
-    """index.json plus histograms, failing domains and error classes streamed from meta/*.parquet."""
+def read_corpus(root: str, folder: str = "meta", error_col: str = "download_error") -> CorpusStats:
+    """index.json plus histograms, failing domains and error classes streamed from meta/*.parquet (or another
+    score-store table of the corpus, e.g. meta_images/: a row per image of an interleaved corpus)."""
     stats = CorpusStats(read_index(root))
-    parts = meta_parts(root)
+    parts = meta_parts(root, folder)
     stats.columns, numeric = _numeric_columns(parts)
     for title, groups in HISTOGRAMS:
         group = next((g for g in groups if all(c in numeric for c in g)), None)
@@ -148,14 +159,14 @@ def read_corpus(root: str) -> CorpusStats:
     for b in _batches(parts, wanted):  # pass 1: ranges
         for s in series:
             s.see(_values(b, s.name))
-    for b in _batches(parts, [*wanted, "url", "download_error"]):  # pass 2: bins, failing domains, error classes
+    for b in _batches(parts, [*wanted, "url", error_col]):  # pass 2: bins, failing domains, error classes
         kept = b["drop_reason"] == "" if "drop_reason" in b else np.ones(len(next(iter(b.values()))), bool)
         stats.rows += len(kept)
         for s in series:
             s.bin(_values(b, s.name), kept)
-        if "download_error" in b:
-            failed = np.flatnonzero((b["download_error"] != "") & (b["download_error"] != None))  # noqa: E711
-            stats.errors.update(b["download_error"][failed].tolist())
+        if error_col in b:
+            failed = np.flatnonzero((b[error_col] != "") & (b[error_col] != None))  # noqa: E711
+            stats.errors.update(b[error_col][failed].tolist())
             if "url" in b:
                 stats.domains.update(_domain(u) for u in b["url"][failed])
                 if len(stats.domains) > MAX_DOMAINS:
@@ -375,6 +386,8 @@ def corpus_page(root: str) -> str:
     if stats.errors:
         body += ["<h2>Download failures</h2>", draw_counts("error classes", stats.errors.most_common(TOP))]
         body.append(draw_counts("top failing domains", stats.domains.most_common(TOP)))
+    if meta_parts(root, "meta_images"):  # a corpus of documents: its images and paragraphs have their own funnel
+        body += _items_section(root, f)
     samples = read_samples(root, index)
     if samples:
         body.append("<h2>Samples (first shard)</h2><div class='samples'>")
@@ -387,6 +400,31 @@ def corpus_page(root: str) -> str:
         body.append("</div>")
     body.append(f"<p>meta columns: {html.escape(', '.join(stats.columns))}</p>")
     return _page(f"mm1data report: {name}", body)
+
+
+def _items_section(root: str, f: dict[str, Any]) -> list[str]:
+    """Images and paragraphs of an interleaved corpus: in, downloaded, kept, the reason each was removed for (the
+    funnel's per-position counts), then histograms and download failures from meta_images/ (a row per image)."""
+    body = ["<h2>Images and paragraphs</h2>"]
+    rows = []
+    for what in ("images", "paragraphs"):
+        counts = f.get(what, {})
+        if counts:
+            rows.append([what, counts.get("in", 0), counts.get("downloaded", ""), counts.get("kept", 0)])
+    if rows:
+        body.append(_table(["positions", "in", "downloaded", "kept (in kept documents)"], rows))
+    removed = [(f"{what[:-8]}: {r}", n) for what in ("images_dropped", "paragraphs_dropped")
+               for r, n in sorted(f.get(what, {}).items(), key=lambda kv: -kv[1])]  # fmt: skip
+    if removed:
+        body.append(draw_counts("positions removed, by reason", removed[: 2 * TOP]))
+    stats = read_corpus(root, "meta_images", "image_error")
+    if stats.charts:
+        body.append("<h3>Images (grey: all; blue: in kept documents and kept)</h3>")
+        body += [draw_histogram(title, series) for title, series in stats.charts.items()]
+    if stats.errors:
+        body += [draw_counts("image download errors", stats.errors.most_common(TOP))]
+        body.append(draw_counts("top failing image domains", stats.domains.most_common(TOP)))
+    return body
 
 
 def write_report(root: str, out: str | None = None) -> str:

@@ -19,6 +19,7 @@ from mm1data.demo import FRENCH, ImageServer, Route, crawl_to_warc, make_web_sit
 from mm1data.loader import MixtureDataset
 from mm1data.manifest import load_manifest
 from mm1data.pipelines import run_pipeline
+from mm1data.report import write_report
 from mm1data.schema import count_tokens, make_key
 
 TINY = [
@@ -123,6 +124,12 @@ def test_obelics_end_to_end(ray_session, tmp_path):
         171,
         128,
     )  # keep_ratio: the shorter side to 128
+
+    # the report shows the images and paragraphs of the documents, from the funnel and meta_images/
+    page = open(write_report(out)).read()
+    assert "<h2>Images and paragraphs</h2>" in page and "kept (in kept documents)" in page
+    assert "<h3>Images (grey" in page  # histograms of meta_images/: relevance and sizes
+    assert page.count("data:image/png") >= 6  # funnel, reasons, relevance, 2 sizes x 2, image errors, domains
 
     # the same command again changes nothing
     assert run_pipeline("pipelines/interleaved.yaml", str(inp), out, overrides)["shards"] == index["shards"]
