@@ -124,6 +124,13 @@ def print_funnel(index: dict, output: str) -> None:
     for reason, n in f["dropped"].items():
         print(f"  dropped    {n:>9,}  {reason}")
     print(f"kept         {f['kept']:>9,}")
+    for what in ("images", "paragraphs"):  # a corpus of documents: the positions inside them
+        if what in f:
+            c = f[what]
+            got = f", {c['downloaded']:,} downloaded" if "downloaded" in c else ""
+            print(f"{what:<12} {c.get('in', 0):>9,} in{got}, {c.get('kept', 0):,} kept in kept documents")
+            for reason, n in sorted(f.get(f"{what}_dropped", {}).items(), key=lambda kv: -kv[1]):
+                print(f"  removed    {n:>9,}  {reason}")
     t = index["totals"]
     print(f"{len(index['shards'])} shards, {t['samples']:,} samples, {t['bytes'] / 1e6:,.1f} MB -> {output}")
     for w in index.get("warnings", []):

@@ -27,6 +27,7 @@ def test_demo_builds_a_readable_corpus(ray_session, tmp_path, capsys):
     assert web["kind"] == "interleaved" and web["totals"]["samples"] >= 12 and web["totals"]["images"] > 12
     assert web["funnel"]["images_dropped"]["http_404"] > 0 and web["funnel"]["dropped"] == {"dup_image_set": 1}
     assert "interleaved-000000.tar" in out
+    assert "kept in kept documents" in out and "dup_paragraph" in out  # the images and paragraphs are counted
     assert "manifest check" in out and "all present with their listed sizes" in out
     assert "input_ids [4, 4096]" in out and "images [4, 16, 3, 378, 378]" in out and "realised mix" in out
     # the reports and what to open
