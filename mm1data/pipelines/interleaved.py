@@ -162,6 +162,8 @@ class Relevance(ClipScorer):
     sentences. An image under `min` gets seg_reason `relevance`. A document without kept paragraphs is not scored.
     Paragraphs are cut to the model's context (77 tokens for CLIP), as MMC4's sentences are short."""
 
+    SECTION, OUTPUT = "relevance", "image_relevance"
+
     def __init__(self, cfg: RelevanceConfig) -> None:
         super().__init__(cfg)
         self.min, self.chunk = cfg.min, cfg.batch_size

@@ -8,6 +8,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,21 +39,30 @@ class ClipConfig:
         check(self, "precision", choices=("auto", "fp32", "bf16", "fp16"))
 
 
-def load_clip(cfg: ClipConfig, device: str = "cpu", section: str = "clip", output: str = "clip_score"):
-    """-> (model, preprocess, tokenizer) with weights from a tag, a local path or s3://; null = random + a warning
-    naming the config `section` and the `output` it makes meaningless. `cfg` needs model, pretrained, model_config."""
+def open_clip_weights(cfg: Any, null_warning: str) -> str | None:
+    """Registers mm1data's model configs (and cfg.model_config) with open_clip; -> what to pass as `pretrained`:
+    an open_clip tag or local path as given, an s3:// URI copied to a local file, or None with `null_warning`
+    warned and logged (random weights). `cfg` needs model_config and pretrained."""
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIGS)
     if cfg.model_config:
         open_clip.add_model_config(storage.local_copy(cfg.model_config))
-    pretrained = cfg.pretrained
-    if pretrained is None:
-        msg = f"{section}.pretrained is null: {cfg.model} has random weights, so {output} is meaningless"
-        warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
-    elif storage.is_s3(pretrained):
-        pretrained = storage.local_copy(pretrained)
+    if cfg.pretrained is None:
+        warnings.warn(null_warning, stacklevel=3)
+        log.warning(null_warning)
+        return None
+    return storage.local_copy(cfg.pretrained) if storage.is_s3(cfg.pretrained) else cfg.pretrained
+
+
+def load_clip(cfg: ClipConfig, device: str = "cpu", section: str = "clip", output: str = "clip_score"):
+    """-> (model, preprocess, tokenizer) with weights from a tag, a local path or s3://; null = random + a warning
+    naming the config `section` and the `output` it makes meaningless. `cfg` needs model, pretrained, model_config."""
+    import open_clip
+
+    pretrained = open_clip_weights(
+        cfg, f"{section}.pretrained is null: {cfg.model} has random weights, so {output} is meaningless"
+    )
     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(cfg.model)
@@ -116,11 +126,13 @@ class ImagePreprocessor:
 class ClipScorer:
     """Adds clip_score = cosine(image embedding, caption embedding) on kept rows; NaN on rows already dropped."""
 
+    SECTION, OUTPUT = "clip", "clip_score"  # the run config section and the score, named in the null-weights warning
+
     def __init__(self, cfg: ClipConfig) -> None:
         import torch
 
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess, self.tokenizer = load_clip(cfg, self.device)
+        self.model, self.preprocess, self.tokenizer = load_clip(cfg, self.device, self.SECTION, self.OUTPUT)
         prec = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self.images = ImagePreprocessor(self.preprocess, self.model, self.device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mm1data import storage
 from mm1data.packing import CLIP_MEAN, CLIP_STD, SequenceConfig
 
 log = logging.getLogger(__name__)
@@ -294,18 +292,10 @@ class ImageEncoder(nn.Module):
         super().__init__()
         import open_clip
 
-        from mm1data.scorers.clip import MODEL_CONFIGS
+        from mm1data.scorers.clip import open_clip_weights
 
-        open_clip.add_model_config(MODEL_CONFIGS)  # mm1data-tiny-clip: tests and the demo
-        if cfg.model_config:
-            open_clip.add_model_config(storage.local_copy(cfg.model_config))
-        pretrained = cfg.pretrained
-        if pretrained is None:
-            msg = f"vision.pretrained is null: the {cfg.model} image encoder starts from random weights"
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
-        elif storage.is_s3(pretrained):
-            pretrained = storage.local_copy(pretrained)
+        msg = f"vision.pretrained is null: the {cfg.model} image encoder starts from random weights"
+        pretrained = open_clip_weights(cfg, msg)
         clip = open_clip.create_model(cfg.model, pretrained=pretrained, force_image_size=image_size)
         self.tower = clip.visual  # the text tower is dropped with `clip`
         mean, std = getattr(self.tower, "image_mean", None) or CLIP_MEAN, getattr(self.tower, "image_std", None)
