@@ -520,7 +520,7 @@ def write_meta_part(
             if items is not None:
                 item_tables.append(items[1](t))
     if items is not None:  # the item rows first: a part exists only once its items do
-        rows = pa.concat_tables(item_tables, promote_options="permissive") if item_tables else pa.table({})
+        rows = pa.concat_tables(item_tables or [items[1](schema.empty_table())], promote_options="permissive")
         _write_parquet(storage.join(output, f"meta_{items[0]}", f"part-{j:06d}.parquet"), rows)
     storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
 

@@ -424,7 +424,11 @@ def image_rows(t: pa.Table) -> pa.Table:
             for c in per_pos:
                 v = row[c]
                 cols[c].append(v[i] if v is not None and i < len(v) else None)
-    return pa.table(cols)
+    # typed even when empty, so every part of meta_images/ has one schema (a dataset read takes the first file's)
+    types = {"key": pa.string(), "position": pa.int32(), "image_index": pa.int32(), "url": pa.string(),
+             "alt": pa.string(), "kept": pa.bool_(), "drop_reason": pa.string(), "shard": pa.string()}  # fmt: skip
+    types.update((c, t.schema.field(c).type.value_type) for c in per_pos)
+    return pa.table({c: pa.array(v, types[c]) for c, v in cols.items()})
 
 
 STRINGS = pa.list_(pa.string())
