@@ -403,11 +403,12 @@ def image_rows(t: pa.Table) -> pa.Table:
     cols: dict[str, list] = {
         k: [] for k in ("key", "position", "image_index", "url", "alt", "kept", "drop_reason", "shard", *per_pos)
     }
-    rows = t.select([c for c in ("key", "images", "alts", "seg_reason", "drop_reason", "shard", *per_pos)]).to_pylist()
+    wanted = ("key", "images", "alts", "seg_reason", "drop_reason", "shard", *per_pos)
+    rows = t.select([c for c in wanted if c in names]).to_pylist()  # (a run with no rows has no list columns)
     for row in rows:
         n = 0
         alts = row.get("alts") or []
-        for i, u in enumerate(row["images"] or ()):
+        for i, u in enumerate(row.get("images") or ()):
             if u is None:
                 continue
             own = row["seg_reason"][i]

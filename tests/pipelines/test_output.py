@@ -130,3 +130,19 @@ def test_nothing_to_keep_still_gives_a_complete_index(ray_session, tmp_path, con
     assert index["funnel"]["rows_in"] == rows and index["funnel"]["kept"] == 0
     assert pq.read_table(out / "meta").num_rows == rows
     assert read_index(str(out)) == index
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["", '{"broken\n{"texts": ["a"], "images": [null, null]}\n'])
+def test_interleaved_with_nothing_to_keep_still_gives_a_complete_index(ray_session, tmp_path, content):
+    """The interleaved kind too: no document, or only bad ones; meta_images/ is there with its columns."""
+    p = tmp_path / "docs.jsonl"
+    p.write_text(content)
+    out = tmp_path / "out"
+    overrides = ["relevance.enabled=false", "filters=[]"]
+    index = run_pipeline("pipelines/interleaved.yaml", str(p), str(out), overrides)
+    rows = content.count("{")
+    assert index["shards"] == [] and index["funnel"]["rows_in"] == rows and index["funnel"]["kept"] == 0
+    assert pq.read_table(out / "meta").num_rows == rows
+    images = pq.read_table(out / "meta_images")
+    assert images.num_rows == 0 and {"key", "position", "url", "kept", "drop_reason"} <= set(images.column_names)
