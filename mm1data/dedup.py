@@ -502,6 +502,7 @@ def connected_components(edges: ray.data.Dataset) -> ray.data.Dataset:
 # each on the rows the earlier ones kept, and turns their marks (pos, reason, added columns) into drop reasons.
 
 ROWS_PER_GROUP = 2_000_000  # candidate rows a dedup group holds on one worker (~100 MB with the sort)
+VALUE_ROWS_PER_GROUP = 1_000_000  # FrequentValues rows (a value string each, ~100 B) a group holds on one worker
 
 
 def key128(values: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -608,10 +609,13 @@ class FrequentValues:
         # a value counts once per row; the values travel as one "\n"-joined string (they hold no newline), as a
         # ragged list column would be pickled by Ray Data between the steps
         out[:] = ["\n".join(dict.fromkeys(v or ())) for v in values]
-        return {f"{prefix}values": out}
+        counts = np.fromiter((v.count("\n") + 1 if v else 0 for v in out), dtype=np.int64, count=len(out))
+        return {f"{prefix}values": out, f"{prefix}n": counts}
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
-        parts = max(1, math.ceil(n / ROWS_PER_GROUP))
+        # groups sized by values, not rows: a document holds tens of them (its image URLs and paragraphs)
+        values = int(ds.sum(f"{prefix}n") or 0) if n else 0
+        parts = max(1, math.ceil(values / VALUE_ROWS_PER_GROUP))
         explode = functools.partial(_explode_values, col=f"{prefix}values", counted=self.counted)
         rows = ds.select_columns(["pos", f"{prefix}values"]).map_batches(explode, batch_format="numpy")
         frequent = _by_group(

@@ -199,16 +199,20 @@ def test_apply_removed_and_image_rows():
     }
 
 
-def test_frequent_values_on_ray(ray_session):
+@pytest.mark.parametrize("group_rows", [1_000_000, 3])  # one group (a single task), or hash shuffles of many
+def test_frequent_values_on_ray(ray_session, monkeypatch, group_rows):
     """A value in more rows than its family's limit goes from every row; a row left under min_left values of the
     counted family is dropped."""
     import ray
 
+    from mm1data import dedup
     from mm1data.dedup import FrequentValues
+
+    monkeypatch.setattr(dedup, "VALUE_ROWS_PER_GROUP", group_rows)
 
     lists = [["img:logo", "img:a", "para:x"], ["img:logo", "para:x"], ["img:logo", "img:b", "para:x"], ["img:c"],
              ["img:c", "img:d"], []]  # fmt: skip
-    items = [{"pos": i, "_s0_values": "\n".join(v)} for i, v in enumerate(lists)]
+    items = [{"pos": i, "_s0_values": "\n".join(v), "_s0_n": len(v)} for i, v in enumerate(lists)]
     ds = ray.data.from_items(items, override_num_blocks=3)
     step = FrequentValues("repeats", (("img", 2), ("para", 3)), "img", 1, "doc_images", "removed")
     kept, marks = step.apply(ds, "_s0_", len(lists), keys=None)
@@ -219,4 +223,4 @@ def test_frequent_values_on_ray(ray_session):
     got = sorted((int(m["pos"]), m["reason"], m["removed"]) for m in step.apply(ds, "_s0_", 6, None)[1].take_all())
     assert got == [(0, "", '["para:x"]'), (1, "", '["para:x"]'), (2, "", '["para:x"]')]  # images left: kept
     cands = step.candidates(pa.table({"repeats": [["x", "x", "y"], None]}), "_s0_")
-    assert cands["_s0_values"].tolist() == ["x\ny", ""]
+    assert cands["_s0_values"].tolist() == ["x\ny", ""] and cands["_s0_n"].tolist() == [2, 0]
