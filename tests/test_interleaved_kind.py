@@ -170,7 +170,7 @@ def test_apply_removed_and_image_rows():
             "alts": [[None, "a1", None], [None]],
             "seg_reason": [["", "", ""], [""]],
             "url": ["https://a.example/x", "https://b.example/y"],
-            "texts": [["boiler plate", None, None], [None]],
+            "para_hash": [[text_fingerprints(["boiler plate"])[0], "", ""], [""]],
             "removed": [
                 json.dumps(["img:u1", "para:a.example " + text_fingerprints(["Boiler  plate!"])[0]]),
                 '["img:u1"]',

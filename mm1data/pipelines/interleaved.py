@@ -204,29 +204,36 @@ class Relevance(ClipScorer):
 
 
 def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
-    """-> + repeats (what the corpus-wide repetition rules count: "img:" + each kept image's URL, "para:" + the
-    document's domain and each kept paragraph's fingerprint), image_set (a hash of the kept images' sha256 set; ""
-    without images), images_kept, paragraphs_kept, doc_bytes (the kept payload, for cutting shards by size). A
-    document with nothing left gets drop_reason `empty_document`."""
+    """-> + para_hash (each kept paragraph's text_fingerprints; "" elsewhere), repeats (what the corpus-wide
+    repetition rules count: "img:" + each kept image's URL, "para:" + the document's domain and each kept paragraph's
+    fingerprint), image_set (a hash of the kept images' sha256 set; "" without images), images_kept,
+    paragraphs_kept, doc_bytes (the kept payload, for cutting shards by size). A document with nothing left gets
+    drop_reason `empty_document`."""
     texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
     data, shas = _lists(batch["image"]), _lists(batch["image_sha256"])
     n = len(texts)
-    urls, sets = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    urls, sets, hashes = np.empty(n, dtype=object), np.empty(n, dtype=object), np.empty(n, dtype=object)
     domains = [_domain(u) for u in batch["url"]]
     n_img, n_par, size = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int64)
     drop = batch["drop_reason"].copy()
     for d in range(n):
         imgs, paras = _kept(images[d], reasons[d], data[d])
         urls[d] = [f"img:{u}" for u in dict.fromkeys(images[d][i] for i in imgs)]
-        if domains[d] and paras:
-            prints = text_fingerprints([texts[d][i] for i in paras])
-            urls[d] += [f"para:{domains[d]} {h}" for h in dict.fromkeys(prints) if h]
+        hashes[d] = [""] * len(images[d])
+        if paras:
+            prints = text_fingerprints([texts[d][i] for i in paras]).tolist()
+            for i, h in zip(paras, prints):
+                hashes[d][i] = h
+            if domains[d]:
+                urls[d] += [f"para:{domains[d]} {h}" for h in dict.fromkeys(prints) if h]
         sets[d] = hashlib.sha256("\n".join(sorted({shas[d][i] for i in imgs})).encode()).hexdigest() if imgs else ""
         n_img[d], n_par[d] = len(imgs), len(paras)
         size[d] = sum(len(data[d][i]) for i in imgs) + sum(len(texts[d][i].encode("utf-8", "replace")) for i in paras)
         if drop[d] == "" and not imgs and not paras:
             drop[d] = "empty_document"
-    batch.update(repeats=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size)
+    batch.update(
+        para_hash=hashes, repeats=urls, image_set=sets, images_kept=n_img, paragraphs_kept=n_par, doc_bytes=size
+    )
     batch["drop_reason"] = drop
     return plain_lists(batch)
 
@@ -299,7 +306,7 @@ def apply_removed(t: pa.Table) -> pa.Table:
     removed = t["removed"].to_pylist()
     if not any(removed):
         return t
-    texts, images, reasons = t["texts"].to_pylist(), t["images"].to_pylist(), t["seg_reason"].to_pylist()
+    hashes, images, reasons = t["para_hash"].to_pylist(), t["images"].to_pylist(), t["seg_reason"].to_pylist()
     urls = t["url"].to_pylist()
     for d, r in enumerate(removed):
         if not r:
@@ -312,8 +319,8 @@ def apply_removed(t: pa.Table) -> pa.Table:
         paras = [i for i, u in enumerate(images[d]) if u is None and not seg[i]]
         if paras and any(v.startswith("para:") for v in gone):
             domain = _domain(urls[d])
-            for i, h in zip(paras, text_fingerprints([texts[d][i] for i in paras])):
-                if f"para:{domain} {h}" in gone:
+            for i in paras:
+                if f"para:{domain} {hashes[d][i]}" in gone:
                     seg[i] = "dup_paragraph"
     return t.set_column(t.column_names.index("seg_reason"), "seg_reason", pa.array(reasons, pa.list_(pa.string())))
 
@@ -321,7 +328,7 @@ def apply_removed(t: pa.Table) -> pa.Table:
 # staged columns that are not document metadata: positions (in segments / image_info), payload, internals
 NOT_IN_JSON = {
     "texts", "images", "alts", "seg_reason", "extra", "drop_reason", "src_file", "src_row", "key", "repeats",
-    "image_set", "doc_bytes", "removed",
+    "para_hash", "image_set", "doc_bytes", "removed",
 }  # fmt: skip
 IMAGE_INFO = {  # per kept image in the sample json: name -> per-position column
     "url": "images",
@@ -390,7 +397,7 @@ def funnel(t: pa.Table) -> dict[str, int]:
 
 
 # the score store's row per image: the document's key, the image's position, and its per-position columns
-ITEM_SKIP = {"texts", "seg_reason", "alts", "images", "image"}
+ITEM_SKIP = {"texts", "seg_reason", "alts", "images", "image", "para_hash"}
 
 
 def image_rows(t: pa.Table) -> pa.Table:
@@ -456,9 +463,10 @@ KIND = Kind(
         "image_relevance": pa.list_(pa.float32()),
         "image_best_segment": INTS,
         "repeats": STRINGS,
+        "para_hash": STRINGS,
         "image_set": pa.string(),
     },
-    payload=("image",),
+    payload=("image", "texts"),  # the shard's members; the score store keeps positions, reasons and scores
     size_col="doc_bytes",
     read=read_interleaved_unit,
     stages=stages,

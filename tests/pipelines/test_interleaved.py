@@ -166,7 +166,8 @@ def test_mmc4_and_obelics_preset(ray_session, tmp_path):
         index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, [*TINY, "relevance.min=-1"])
     (m,) = pq.read_table(os.path.join(out, "meta")).to_pylist()
     assert m["drop_reason"] == "", m
-    assert [t is not None for t in m["texts"]] == [True, False, False, True, True, False, True]
+    assert [u is None for u in m["images"]] == [True, False, False, True, True, False, True]  # paragraphs at None
+    assert "texts" not in m  # the text is the shards' payload; the score store keeps positions and scores
     assert m["seg_reason"][6] == "para_lang"  # a French paragraph in an English document
     assert m["seg_reason"][1] == "img_min_side" and m["seg_reason"][2] == "img_url_words"
     assert m["seg_reason"][3].startswith("para_")
