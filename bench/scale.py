@@ -5,6 +5,10 @@ Writes synthetic staging (what the per-row half leaves behind) and runs only the
             download status, two scores; 2% repeat an earlier URL, 2% an earlier image, 10% dropped by a filter
   text      documents of ~100 bytes with their exact-dup hash and 14 MinHash band hashes; 3% repeat an earlier
             text, 5% share 3 bands with an earlier document (planted near duplicates, clusters and chains)
+  interleaved  documents of 3 paragraphs and 1-3 images (100-byte "images"), their per-position columns and the
+            repetition values (image URLs, domain paragraphs); 2% repeat an earlier URL, 2% an earlier image set,
+            20% carry one of 500 site logos (each in ~thousands of documents: removed everywhere), 10% one of 50
+            boilerplate paragraphs of their domain; new code only (the old had no interleaved kind)
 in units of --unit-rows rows (one staging folder each, parts of 25,000 rows), then, each in a fresh process:
   new       mm1data.split.finalize: dedup shuffles, per-unit decisions, shards, meta, index.json on Ray
   old       the same step as of commit 378be1b (read_staged into the driver, then finalize), on the same parts
@@ -15,7 +19,8 @@ worker mapped) and its largest private memory (RssAnon sampled every 0.2 s, with
 wall time, and microseconds per row; then a projection to 2B rows.
 Nothing here is asserted; the machine is shared, so wall times move with its load.
 
-    .venv/bin/python bench/scale.py [--caption 1e6,3e6,1e7] [--text 1e6,3e6] [--old-max 3e6] [--dir /tmp/mm1scale]
+    .venv/bin/python bench/scale.py [--caption 1e6,3e6,1e7] [--text 1e6,3e6] [--interleaved 1e6] [--old-max 3e6]
+                                    [--dir /tmp/mm1scale]
 """
 
 from __future__ import annotations
@@ -130,13 +135,88 @@ def text_part(source: str, rows: np.ndarray, rng: np.random.Generator, seen: dic
     )
 
 
+def interleaved_part(source: str, rows: np.ndarray, rng: np.random.Generator, seen: dict) -> pa.Table:
+    import hashlib
+
+    from mm1data.dedup import text_fingerprints
+
+    n = len(rows)
+    ids = rows + seen["offset"]
+    cols: dict[str, list] = {c: [] for c in ("url", "texts", "images", "seg_reason", "image", "image_ext",
+                                             "image_sha256", "para_hash", "repeats", "image_set")}  # fmt: skip
+    all_paras = []
+    for i in ids:
+        paras = [f"paragraph {j} of document {i}: " + " ".join(WORDS[w] for w in rng.integers(0, len(WORDS), 12))
+                 for j in range(3)]  # fmt: skip
+        if rng.random() < 0.1:
+            paras[2] = f"Subscribe to the newsletter of site{i % 5000}.example.org number {int(rng.integers(50))}."
+        all_paras += paras
+    all_prints = text_fingerprints(all_paras).tolist()  # one call per part: the per-call cost would dominate
+    for d, i in enumerate(ids):
+        domain = f"site{i % 5000}.example.org"
+        paras, prints = all_paras[3 * d : 3 * d + 3], all_prints[3 * d : 3 * d + 3]
+        k = int(rng.integers(1, 4))
+        imgs = [f"https://cdn.{domain}/{i}/{j}.jpg" for j in range(k)]
+        if rng.random() < 0.2:
+            imgs[0] = f"https://static{i % 500}.example.net/logo.png"
+        data = [rng.bytes(100) for _ in imgs]
+        if seen["sets"] and rng.random() < 0.02:  # the same images as an earlier document
+            imgs, data = seen["sets"][int(rng.integers(len(seen["sets"])))]
+        url = f"https://{domain}/post/{i}"
+        if seen["urls"] and rng.random() < 0.02:
+            url = seen["urls"][int(rng.integers(len(seen["urls"])))]
+        shas = [hashlib.sha256(b).hexdigest() for b in data]
+        cols["url"].append(url)
+        cols["texts"].append([*paras, *[None] * len(imgs)])
+        cols["images"].append([None] * 3 + imgs)
+        cols["seg_reason"].append([""] * (3 + len(imgs)))
+        cols["image"].append([None] * 3 + data)
+        cols["image_ext"].append([""] * 3 + ["jpg"] * len(imgs))
+        cols["image_sha256"].append([""] * 3 + shas)
+        cols["para_hash"].append(prints + [""] * len(imgs))
+        cols["repeats"].append([f"img:{u}" for u in dict.fromkeys(imgs)] + [f"para:{domain} {h}" for h in prints])
+        cols["image_set"].append(hashlib.sha256("\n".join(sorted(set(shas))).encode()).hexdigest())
+        if i % 50 == 0:
+            seen["sets"] = (seen["sets"] + [(imgs, data)])[-2000:]
+            seen["urls"] = (seen["urls"] + [url])[-2000:]
+    strings = pa.list_(pa.string())
+    return pa.table(
+        {
+            "key": _keys(source, rows),
+            "src_file": [source] * n,
+            "src_row": rows.astype(np.int64),
+            "url": cols["url"],
+            "texts": pa.array(cols["texts"], strings),
+            "images": pa.array(cols["images"], strings),
+            "alts": pa.array([[None] * len(x) for x in cols["images"]], strings),
+            "seg_reason": pa.array(cols["seg_reason"], strings),
+            "image": pa.array(cols["image"], pa.list_(pa.binary())),
+            "image_ext": pa.array(cols["image_ext"], strings),
+            "image_sha256": pa.array(cols["image_sha256"], strings),
+            "image_relevance": pa.array([[float("nan")] * len(x) for x in cols["images"]], pa.list_(pa.float32())),
+            "para_hash": pa.array(cols["para_hash"], strings),
+            "repeats": pa.array(cols["repeats"], strings),
+            "image_set": cols["image_set"],
+            "extra": ["{}"] * n,
+            "drop_reason": [""] * n,
+            "doc_bytes": np.array([100 * (len(x) - 3) + 200 for x in cols["images"]], np.int64),
+        }
+    )
+
+
+PARTS = {"caption": caption_part, "text": text_part, "interleaved": interleaved_part}
+
+
 def generate(kind: str, rows: int, root: str, unit_rows: int) -> None:
     """Staging for `rows` rows in both layouts: new (one folder per unit) and old (flat hard links)."""
     from mm1data.read import Unit
     from mm1data.staging import unit_dir
 
     new, old = os.path.join(root, "new"), os.path.join(root, "old")
-    rng, seen = np.random.default_rng(0), {"urls": [], "images": [], "hashes": [], "bands": [], "offset": 0}
+    rng, seen = (
+        np.random.default_rng(0),
+        {"urls": [], "images": [], "hashes": [], "bands": [], "sets": [], "offset": 0},
+    )
     units = []
     os.makedirs(os.path.join(old, "_staging", "rows"), exist_ok=True)
     for u, start in enumerate(range(0, rows, unit_rows)):
@@ -145,9 +225,7 @@ def generate(kind: str, rows: int, root: str, unit_rows: int) -> None:
         units.append(unit)
         seen["offset"] = start
         for p, a in enumerate(range(0, unit.stop, PART_ROWS)):
-            table = (caption_part if kind == "caption" else text_part)(
-                source, np.arange(a, min(a + PART_ROWS, unit.stop)), rng, seen
-            )
+            table = PARTS[kind](source, np.arange(a, min(a + PART_ROWS, unit.stop)), rng, seen)
             path = os.path.join(unit_dir(new, unit.id), f"part-{p:06d}.parquet")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             pq.write_table(table, path, compression="zstd")
@@ -167,14 +245,15 @@ def measure(version: str, kind: str, root: str, cpus: int) -> dict:
     with PeakRSS("ray::", new_only=False) as rss:  # Ray's workers started by ray.init run tasks too
         t0 = time.perf_counter()
         if version == "new":
-            from mm1data.pipelines import caption, text
+            from mm1data.pipelines import caption, interleaved, text
             from mm1data.read import Unit
             from mm1data.split import finalize
 
             with open(os.path.join(root, "units.json")) as f:
                 units = [Unit(**{**u, "row_groups": tuple(u["row_groups"])}) for u in json.load(f)]
-            k = caption.KIND if kind == "caption" else text.KIND
-            cfg = k.config(output=out, **({"clip": caption.ClipConfig(enabled=False)} if kind == "caption" else {}))
+            k = {"caption": caption.KIND, "text": text.KIND, "interleaved": interleaved.KIND}[kind]
+            extra = {"caption": {"clip": caption.ClipConfig(enabled=False)}, "interleaved": {"filters": ()}}
+            cfg = k.config(output=out, **extra.get(kind, {}))
             index = finalize(k, cfg, units, "bench", [])
         else:  # the code as of OLD_COMMIT, on PYTHONPATH
             import functools
@@ -236,6 +315,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--caption", default="1e6,3e6,1e7")
     p.add_argument("--text", default="1e6,3e6")
+    p.add_argument("--interleaved", default="1e6")
     p.add_argument("--old-max", type=float, default=3e6, help="run the old code up to this many rows")
     p.add_argument("--unit-rows", type=int, default=100_000)
     p.add_argument("--cpus", type=int, default=os.cpu_count())
@@ -259,14 +339,14 @@ def main() -> None:
         f"{'private':>9}  kept; where the largest private worker memory was"
     )
     figures = []
-    for kind, sizes in (("caption", args.caption), ("text", args.text)):
+    for kind, sizes in (("caption", args.caption), ("text", args.text), ("interleaved", args.interleaved)):
         for n in (int(float(x)) for x in sizes.split(",") if x):
             root = os.path.join(args.dir, f"{kind}-{n}")
             shutil.rmtree(root, ignore_errors=True)
             t0 = time.perf_counter()
             generate(kind, n, root, args.unit_rows)
             print(f"  (staging for {n:,} {kind} rows written in {time.perf_counter() - t0:.0f}s)", flush=True)
-            for version in ("new", "old") if n <= args.old_max else ("new",):
+            for version in ("new", "old") if n <= args.old_max and kind != "interleaved" else ("new",):
                 r = run_measure(version, kind, root, args.cpus)
                 figures.append((kind, n, version, r))
                 if "error" in r:
@@ -287,7 +367,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print("\nprojection to 2B rows (new code; linear in rows from the largest run of each kind):")
-    for kind in ("caption", "text"):
+    for kind in ("caption", "text", "interleaved"):
         runs = [(n, r) for k, n, v, r in figures if k == kind and v == "new" and "error" not in r]
         if not runs:
             continue
