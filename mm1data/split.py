@@ -505,8 +505,11 @@ def write_meta_part(
     empty = pa.schema([(c, pa.string()) for c in ("key", "src_file", "drop_reason")])  # a run with no rows at all
     schema = pa.unify_schemas(schemas) if schemas else empty
     schema = pa.schema([f for f in schema if f.name not in INTERNAL]).append(pa.field("shard", pa.string()))
-    buf = io.BytesIO()
-    item_tables = []
+    buf, item_buf = io.BytesIO(), io.BytesIO()
+    # the item rows (e.g. an interleaved part's images) stream into their own part beside, a unit at a time: every
+    # unit's rows have the unified schema, so its item rows all have the empty table's
+    item_schema = items[1](schema.empty_table()).schema if items is not None else None
+    item_writer = pq.ParquetWriter(item_buf, item_schema, compression="zstd") if items is not None else None
     with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
         for uri, (_, first_rank) in zip(uris, units):
             t = _read_parquet(uri)
@@ -517,11 +520,11 @@ def write_meta_part(
             t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
             t = pa.table({f.name: _column(t, f) for f in schema}, schema=schema)
             writer.write_table(t)
-            if items is not None:
-                item_tables.append(items[1](t))
-    if items is not None:  # the item rows first: a part exists only once its items do
-        rows = pa.concat_tables(item_tables or [items[1](schema.empty_table())], promote_options="permissive")
-        _write_parquet(storage.join(output, f"meta_{items[0]}", f"part-{j:06d}.parquet"), rows)
+            if item_writer is not None:
+                item_writer.write_table(items[1](t).cast(item_schema))
+    if item_writer is not None:  # the item rows first: a part exists only once its items do
+        item_writer.close()
+        storage.write_bytes(storage.join(output, f"meta_{items[0]}", f"part-{j:06d}.parquet"), item_buf.getvalue())
     storage.write_bytes(storage.join(output, "meta", f"part-{j:06d}.parquet"), buf.getvalue())
 
 
