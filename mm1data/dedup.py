@@ -502,6 +502,7 @@ def connected_components(edges: ray.data.Dataset) -> ray.data.Dataset:
 # each on the rows the earlier ones kept, and turns their marks (pos, reason, added columns) into drop reasons.
 
 ROWS_PER_GROUP = 2_000_000  # candidate rows a dedup group holds on one worker (~100 MB with the sort)
+GROUP_BYTES = 256 << 20  # Arrow bytes of candidate rows an ExactDedup group holds on one worker
 VALUE_ROWS_PER_GROUP = 1_000_000  # FrequentValues rows (a value string each, ~100 B) a group holds on one worker
 
 
@@ -543,7 +544,9 @@ class ExactDedup:
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
         """-> (the candidates still kept, marks (pos, reason))."""
-        parts = max(1, math.ceil(n / ROWS_PER_GROUP))
+        # groups bounded in rows and in bytes: the later steps' candidate columns ride along (an interleaved
+        # document's repetition values are ~0.5 KB); size_bytes() of a materialized dataset is its metadata
+        parts = max(1, math.ceil(n / ROWS_PER_GROUP), math.ceil(ds.size_bytes() / GROUP_BYTES))
         fn = functools.partial(_first_copies, prefix=prefix)
         out = _by_group(ds, parts, fn, lambda b: b[f"{prefix}hi"] % np.uint64(parts)).materialize()
         reason = self.reason

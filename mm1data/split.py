@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 META_ROWS = 1_000_000  # rows per meta parquet part (its task holds one unit's rows at a time, and the compressed part)
 POS_BITS = 40  # pos = unit index << POS_BITS | offset of the row in its unit (a row number or a byte offset)
+ITEM_SLICE = 8192  # rows of a unit turned into item rows at a time (meta_images: a row per image)
 INTERNAL = ("_part", "_row")  # where a row lies in staging: in decided files, not in meta
 
 
@@ -520,8 +521,9 @@ def write_meta_part(
             t = t.drop_columns(list(INTERNAL)).append_column("shard", pa.array(shard.tolist(), pa.string()))
             t = pa.table({f.name: _column(t, f) for f in schema}, schema=schema)
             writer.write_table(t)
-            if item_writer is not None:
-                item_writer.write_table(items[1](t).cast(item_schema))
+            if item_writer is not None:  # in slices: an item builder may hold its rows as Python objects
+                for a in range(0, t.num_rows, ITEM_SLICE):
+                    item_writer.write_table(items[1](t.slice(a, ITEM_SLICE)).cast(item_schema))
     if item_writer is not None:  # the item rows first: a part exists only once its items do
         item_writer.close()
         storage.write_bytes(storage.join(output, f"meta_{items[0]}", f"part-{j:06d}.parquet"), item_buf.getvalue())
