@@ -440,8 +440,8 @@ def pipeline_side(inp: str, cpus: int, out: str, sets: list[str]) -> dict[str, A
             "download.allow_private_hosts=true",
             "download.image_size=256",
             "relevance.min=-1",
-            "relevance.model=mm1data-tiny-clip",
-            "relevance.pretrained=null",
+            "clip.model=mm1data-tiny-clip",
+            "clip.pretrained=null",
             "input.rows_per_unit=500",
             *sets,
         ]

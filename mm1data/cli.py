@@ -152,8 +152,8 @@ MAIN_KEYS = {
     "clip.model, clip.pretrained, clip.workers, recaption.enabled, recaption.model, recaption.pretrained, dedup.url, "
     "dedup.image_sha256, shards.samples_per_shard",
     "interleaved": "input.form, input.texts_col, input.images_col, input.rows_per_unit, input.max_images, "
-    "download.threads, download.timeout_s, download.image_size, filters, relevance.enabled, relevance.min, "
-    "relevance.model, relevance.pretrained, dedup.url, dedup.image_set, dedup.max_image_docs, "
+    "download.threads, download.timeout_s, download.image_size, filters, clip.enabled, clip.model, "
+    "clip.pretrained, relevance.min, dedup.url, dedup.image_set, dedup.max_image_docs, "
     "dedup.max_domain_paragraph, batch_size, shards.samples_per_shard",
     "text": "input.text_col, input.id_col, input.rows_per_unit, input.html, filters, dedup.exact, "
     "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, batch_size, shards.samples_per_shard",

@@ -381,8 +381,8 @@ def build_interleaved_corpus(out: str, n: int) -> dict[str, Any]:
         overrides = [
             "download.allow_private_hosts=true",
             "download.image_size=256",
-            "relevance.model=mm1data-tiny-clip",
-            "relevance.pretrained=null",
+            "clip.model=mm1data-tiny-clip",
+            "clip.pretrained=null",
             "relevance.min=-1",  # random weights: every similarity is noise, so nothing is removed by it
             "shards.samples_per_shard=50",
             "filters=interleaved_obelics",

@@ -19,7 +19,7 @@ from mm1data.pipelines.interleaved import (
     KIND,
     DocumentImages,
     Relevance,
-    RelevanceConfig,
+    RelevanceScorerConfig,
     apply_removed,
     build_sample,
     finish_documents,
@@ -111,7 +111,7 @@ def test_relevance_scores_images_against_kept_paragraphs(site):
         )
     )
     batch["seg_reason"][0][2] = "para_words"  # a removed paragraph is not a candidate
-    cfg = RelevanceConfig(model="mm1data-tiny-clip", pretrained=None, min=-1.0, device="cpu")
+    cfg = RelevanceScorerConfig(model="mm1data-tiny-clip", pretrained=None, min=-1.0, device="cpu")
     with pytest.warns(UserWarning, match="random weights"):
         scorer = Relevance(cfg)
     out = scorer(batch)
@@ -122,7 +122,7 @@ def test_relevance_scores_images_against_kept_paragraphs(site):
     a = scorer.embed_images([out["image"][0][1]])
     t = scorer.embed_texts(["first paragraph"])
     assert rel[0][1] == pytest.approx(float((a * t).sum()), abs=1e-5)
-    strict = Relevance(RelevanceConfig(model="mm1data-tiny-clip", pretrained=None, min=1.5, device="cpu"))
+    strict = Relevance(RelevanceScorerConfig(model="mm1data-tiny-clip", pretrained=None, min=1.5, device="cpu"))
     batch["seg_reason"][0][1] = batch["seg_reason"][0][3] = ""
     assert list(strict(batch)["seg_reason"][0]) == ["", "relevance", "para_words", "relevance"]
 

@@ -28,11 +28,18 @@ from mm1data.stage import Batch, plain_lists
 
 
 @dataclass(frozen=True)
-class RelevanceConfig(ClipConfig):
-    """MMC4's image-text relevance: each image against every kept paragraph of its document (CLIP cosine)."""
+class RelevanceConfig:
+    """MMC4's image-text relevance: each image against every kept paragraph of its document, by the CLIP scorer of
+    the run config's `clip` section (its model, weights and workers, as in the caption kind)."""
 
     min: float = 0.15  # an image whose best similarity is lower is removed (MMC4: 0.15 with ViT-L/14)
-    batch_size: int = 64  # images (and, separately, paragraphs) per model call
+
+
+@dataclass(frozen=True)
+class RelevanceScorerConfig(ClipConfig):
+    """What the Relevance actors get: the `clip` section and relevance.min."""
+
+    min: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Config(RunConfig):
     corpus: str = "interleaved"  # shard name prefix: {corpus}-000000.tar
     input: InterleavedInputConfig = field(default_factory=InterleavedInputConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)  # the scorer of image-text relevance (clip.enabled)
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     dedup: InterleavedDedupConfig = field(default_factory=InterleavedDedupConfig)
     batch_size: int = 32  # documents per download / filter / staging batch
@@ -162,9 +170,9 @@ class Relevance(ClipScorer):
     sentences. An image under `min` gets seg_reason `relevance`. A document without kept paragraphs is not scored.
     Paragraphs are cut to the model's context (77 tokens for CLIP), as MMC4's sentences are short."""
 
-    SECTION, OUTPUT = "relevance", "image_relevance"
+    SECTION, OUTPUT = "clip", "image_relevance"
 
-    def __init__(self, cfg: RelevanceConfig) -> None:
+    def __init__(self, cfg: RelevanceScorerConfig) -> None:
         super().__init__(cfg)
         self.min, self.chunk = cfg.min, cfg.batch_size
 
@@ -241,7 +249,8 @@ def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
 def stages(cfg: Config, cpus: int) -> list[Stage]:
     """Download on an actor pool (threads inside), relevance on its own pool (a GPU each when the cluster has GPUs),
     then the document finish after every filter."""
-    d, r = cfg.download, cfg.relevance
+    d = cfg.download
+    r = RelevanceScorerConfig(**to_dict(cfg.clip), min=cfg.relevance.min)
     dl_workers = d.workers or max(1, cpus - (r.workers if r.enabled else 0))
     out = [
         Stage(  # -> + image, image_* per position
@@ -474,6 +483,7 @@ KIND = Kind(
     dedup=dedup,
     fingerprint=lambda cfg: {
         "download": to_dict(cfg.download),
+        "clip": to_dict(cfg.clip),
         "relevance": to_dict(cfg.relevance),
         "in_document": cfg.dedup.in_document,
     },
@@ -481,10 +491,10 @@ KIND = Kind(
     read_cpus=0.5,
     filter_cpus=0.5,
     funnel=funnel,
-    enables={"image_relevance": "relevance.enabled: true"},
+    enables={"image_relevance": "clip.enabled: true"},
     warnings=lambda cfg: (
-        [f"relevance.pretrained is null: {cfg.relevance.model} ran with random weights; image_relevance is noise"]
-        if cfg.relevance.enabled and cfg.relevance.pretrained is None
+        [f"clip.pretrained is null: {cfg.clip.model} ran with random weights; image_relevance is noise"]
+        if cfg.clip.enabled and cfg.clip.pretrained is None
         else []
     ),
     decided=apply_removed,

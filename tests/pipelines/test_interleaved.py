@@ -25,8 +25,8 @@ from mm1data.schema import count_tokens, make_key
 TINY = [
     "download.allow_private_hosts=true",
     "download.image_size=128",
-    "relevance.model=mm1data-tiny-clip",
-    "relevance.pretrained=null",
+    "clip.model=mm1data-tiny-clip",
+    "clip.pretrained=null",
 ]
 
 

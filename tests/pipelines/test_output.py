@@ -139,7 +139,7 @@ def test_interleaved_with_nothing_to_keep_still_gives_a_complete_index(ray_sessi
     p = tmp_path / "docs.jsonl"
     p.write_text(content)
     out = tmp_path / "out"
-    overrides = ["relevance.enabled=false", "filters=[]"]
+    overrides = ["clip.enabled=false", "filters=[]"]
     index = run_pipeline("pipelines/interleaved.yaml", str(p), str(out), overrides)
     rows = content.count("{")
     assert index["shards"] == [] and index["funnel"]["rows_in"] == rows and index["funnel"]["kept"] == 0
