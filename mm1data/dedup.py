@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import sys
 import unicodedata
@@ -608,11 +609,12 @@ class FrequentValues:
 
     def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
         values = t[self.column].to_pylist() if t.num_rows else []
-        out = np.empty(len(values), dtype=object)
-        # a value counts once per row; the values travel as one "\n"-joined string (they hold no newline), as a
-        # ragged list column would be pickled by Ray Data between the steps
-        out[:] = ["\n".join(dict.fromkeys(v or ())) for v in values]
-        counts = np.fromiter((v.count("\n") + 1 if v else 0 for v in out), dtype=np.int64, count=len(out))
+        lists = [list(dict.fromkeys(v or ())) for v in values]  # a value counts once per row
+        out = np.empty(len(lists), dtype=object)
+        # the values travel as one JSON string per row (any character, a URL's newline too), as a ragged list
+        # column would be pickled by Ray Data between the steps
+        out[:] = [json.dumps(v, ensure_ascii=False) for v in lists]
+        counts = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
         return {f"{prefix}values": out, f"{prefix}n": counts}
 
     def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
@@ -636,10 +638,10 @@ def _family(value: str) -> str:
 
 
 def _explode_values(b: dict[str, np.ndarray], col: str, counted: str) -> dict[str, np.ndarray]:
-    """(pos, "\n"-joined values) rows -> a row per value: pos, its row's count of `counted` values, the value and
+    """(pos, values as a JSON list) rows -> a row per value: pos, its row's count of `counted` values, the value and
     its hash."""
     pos = np.asarray(b["pos"], dtype=np.int64)
-    lists = [v.split("\n") if v else [] for v in b[col]]
+    lists = [json.loads(v) if v else [] for v in b[col]]
     sizes = np.fromiter((len(v) for v in lists), dtype=np.int64, count=len(lists))
     counts = np.fromiter((sum(_family(x) == counted for x in v) for v in lists), dtype=np.int64, count=len(lists))
     values = np.empty(int(sizes.sum()), dtype=object)
@@ -674,8 +676,6 @@ def _removals(
 ) -> dict[str, np.ndarray]:
     """Frequent values by row -> one mark per row: its reason ("" unless too few `counted` values are left) and the
     removed values as a JSON list (sorted: deterministic)."""
-    import json
-
     pos = np.asarray(group.get("pos", np.zeros(0)), dtype=np.int64)
     if not len(pos):
         return {"pos": pos, "reason": np.zeros(0, dtype=object), removed: np.zeros(0, dtype=object)}

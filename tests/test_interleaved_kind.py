@@ -212,7 +212,7 @@ def test_frequent_values_on_ray(ray_session, monkeypatch, group_rows):
 
     lists = [["img:logo", "img:a", "para:x"], ["img:logo", "para:x"], ["img:logo", "img:b", "para:x"], ["img:c"],
              ["img:c", "img:d"], []]  # fmt: skip
-    items = [{"pos": i, "_s0_values": "\n".join(v), "_s0_n": len(v)} for i, v in enumerate(lists)]
+    items = [{"pos": i, "_s0_values": json.dumps(v), "_s0_n": len(v)} for i, v in enumerate(lists)]
     ds = ray.data.from_items(items, override_num_blocks=3)
     step = FrequentValues("repeats", (("img", 2), ("para", 3)), "img", 1, "doc_images", "removed")
     kept, marks = step.apply(ds, "_s0_", len(lists), keys=None)
@@ -222,5 +222,5 @@ def test_frequent_values_on_ray(ray_session, monkeypatch, group_rows):
     step = FrequentValues("repeats", (("img", 5), ("para", 2)), "img", 1, "doc_images", "removed")
     got = sorted((int(m["pos"]), m["reason"], m["removed"]) for m in step.apply(ds, "_s0_", 6, None)[1].take_all())
     assert got == [(0, "", '["para:x"]'), (1, "", '["para:x"]'), (2, "", '["para:x"]')]  # images left: kept
-    cands = step.candidates(pa.table({"repeats": [["x", "x", "y"], None]}), "_s0_")
-    assert cands["_s0_values"].tolist() == ["x\ny", ""] and cands["_s0_n"].tolist() == [2, 0]
+    cands = step.candidates(pa.table({"repeats": [["x", "x", "y\nz"], None]}), "_s0_")  # a newline is no separator
+    assert [json.loads(v) for v in cands["_s0_values"]] == [["x", "y\nz"], []] and cands["_s0_n"].tolist() == [2, 0]
