@@ -212,9 +212,9 @@ class Relevance(ClipScorer):
 
 
 def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
-    """-> + para_hash (each kept paragraph's text_fingerprints; "" elsewhere), repeats (what the corpus-wide
-    repetition rules count: "img:" + each kept image's URL, "para:" + the document's domain and each kept paragraph's
-    fingerprint), image_set (a hash of the kept images' sha256 set; "" without images), images_kept,
+    """-> + para_hash (each kept paragraph's text_fingerprints in a kept document; "" elsewhere), repeats (what the
+    corpus-wide repetition rules count: "img:" + each kept image's URL, "para:" + the document's domain and each kept
+    paragraph's fingerprint), image_set (a hash of the kept images' sha256 set; "" without images), images_kept,
     paragraphs_kept, doc_bytes (the kept payload, for cutting shards by size). A document with nothing left gets
     drop_reason `empty_document`."""
     texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
@@ -224,16 +224,20 @@ def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
     domains = [_domain(u) for u in batch["url"]]
     n_img, n_par, size = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int64)
     drop = batch["drop_reason"].copy()
+    kept = [_kept(images[d], reasons[d], data[d]) for d in range(n)]
+    # one fingerprint call for the whole batch (its per-call setup would cost more than a document's paragraphs);
+    # a document already dropped takes no part in the repetition rules
+    todo = [(d, i) for d in range(n) if drop[d] == "" for i in kept[d][1]]
+    prints = iter(text_fingerprints([texts[d][i] for d, i in todo]).tolist())
     for d in range(n):
-        imgs, paras = _kept(images[d], reasons[d], data[d])
-        urls[d] = [f"img:{u}" for u in dict.fromkeys(images[d][i] for i in imgs)]
         hashes[d] = [""] * len(images[d])
-        if paras:
-            prints = text_fingerprints([texts[d][i] for i in paras]).tolist()
-            for i, h in zip(paras, prints):
-                hashes[d][i] = h
-            if domains[d]:
-                urls[d] += [f"para:{domains[d]} {h}" for h in dict.fromkeys(prints) if h]
+    for d, i in todo:
+        hashes[d][i] = next(prints)
+    for d in range(n):
+        imgs, paras = kept[d]
+        urls[d] = [f"img:{u}" for u in dict.fromkeys(images[d][i] for i in imgs)]
+        if domains[d] and drop[d] == "":
+            urls[d] += [f"para:{domains[d]} {h}" for h in dict.fromkeys(hashes[d][i] for i in paras) if h]
         sets[d] = hashlib.sha256("\n".join(sorted({shas[d][i] for i in imgs})).encode()).hexdigest() if imgs else ""
         n_img[d], n_par[d] = len(imgs), len(paras)
         size[d] = sum(len(data[d][i]) for i in imgs) + sum(len(texts[d][i].encode("utf-8", "replace")) for i in paras)
