@@ -13,7 +13,7 @@ import pyarrow as pa
 from mm1data.config import to_dict
 from mm1data.dedup import ExactDedup
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage
+from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
 from mm1data.read import InputConfig, read_unit
 from mm1data.recaption import CocaCaptioner, RecaptionConfig
 from mm1data.schema import CaptionSample, count_tokens
@@ -106,15 +106,7 @@ def funnel(t: pa.Table) -> dict[str, int]:
 
 
 def warnings(cfg: Config) -> list[str]:
-    c, r = cfg.clip, cfg.recaption
-    out = []
-    if c.enabled and c.pretrained is None:
-        out.append(f"clip.pretrained is null: {c.model} ran with random weights; clip_score is noise")
-    if r.enabled and r.pretrained is None:
-        out.append(
-            f"recaption.pretrained is null: {r.model} ran with random weights; the synthetic captions are noise"
-        )
-    return out
+    return null_weights("clip", cfg.clip, "clip_score") + null_weights("recaption", cfg.recaption, "syn_caption")
 
 
 KIND = Kind(

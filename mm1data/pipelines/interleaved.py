@@ -20,7 +20,7 @@ import pyarrow as pa
 from mm1data.config import check, to_dict
 from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage
+from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
 from mm1data.scorers.clip import ClipConfig, ClipScorer
@@ -496,11 +496,7 @@ KIND = Kind(
     filter_cpus=0.5,
     funnel=funnel,
     enables={"image_relevance": "clip.enabled: true"},
-    warnings=lambda cfg: (
-        [f"clip.pretrained is null: {cfg.clip.model} ran with random weights; image_relevance is noise"]
-        if cfg.clip.enabled and cfg.clip.pretrained is None
-        else []
-    ),
+    warnings=lambda cfg: null_weights("clip", cfg.clip, "image_relevance"),
     decided=apply_removed,
     decided_columns=("seg_reason",),
     items=("images", image_rows),

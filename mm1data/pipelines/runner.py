@@ -101,6 +101,13 @@ def model_gpus(c: Any) -> float | None:
     return float(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0) or None
 
 
+def null_weights(section: str, c: Any, output: str) -> list[str]:
+    """The run's warning (index.json) when a model stage runs with random weights (`pretrained: null`)."""
+    if c.enabled and c.pretrained is None:
+        return [f"{section}.pretrained is null: {c.model} ran with random weights; {output} is noise"]
+    return []
+
+
 def model_cpus(c: Any) -> float:
     """CPUs a model stage's actors hold while the run lasts: a CPU-only actor is counted at 0.5 (0 if disabled)."""
     return (1.0 if model_gpus(c) else 0.5) * c.workers if c.enabled else 0.0
