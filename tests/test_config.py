@@ -191,6 +191,11 @@ BAD_VALUES = [
     ("text", "dedup.minhash.ngram=1000000000", "dedup.minhash.ngram"),
     ("text", "dedup.minhash.bands=1000", "dedup.minhash.bands"),  # 1000 x 8 permutations
     ("text", "dedup.minhash.seed=-1", "dedup.minhash.seed"),
+    ("interleaved", "relevance.min=.nan", "relevance.min"),
+    ("interleaved", "relevance.min=2", "relevance.min"),
+    ("interleaved", "dedup.max_image_docs=-1", "dedup.max_image_docs"),
+    ("interleaved", "input.max_images=0", "input.max_images"),
+    ("interleaved", "batch_size=0", "batch_size"),
 ]
 
 

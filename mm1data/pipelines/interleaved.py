@@ -34,6 +34,9 @@ class RelevanceConfig:
 
     min: float = 0.15  # an image whose best similarity is lower is removed (MMC4: 0.15 with ViT-L/14)
 
+    def __post_init__(self) -> None:
+        check(self, "min", ge=-1, le=1)  # a cosine: -1 removes nothing; NaN would silently remove nothing too
+
 
 @dataclass(frozen=True)
 class RelevanceScorerConfig(ClipConfig):
