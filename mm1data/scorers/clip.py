@@ -130,14 +130,25 @@ class ImagePreprocessor:
     # ---- tensor
     @staticmethod
     def _on_device(data: bytes) -> bool:
-        """Whether the header (parsed, not decoded) says a JPEG of RGB (YCbCr) or grayscale pixels."""
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.format == "JPEG" and im.mode in ("RGB", "L")
-        except Exception:  # not an image PIL knows: the PIL path records why
+        """Whether the header says an 8-bit baseline, extended or progressive JPEG of 1 (gray) or 3 (YCbCr)
+        components: what nvJPEG decodes. Hand-written marker walk: PIL's header parse costs ~30-60 us an image in
+        Python, a third of a ViT-B-32 batch's GPU time at 256 images; this reads a few segment lengths."""
+        if data[:2] != b"\xff\xd8":
             return False
+        pos, n = 2, len(data)
+        while pos + 4 <= n:
+            if data[pos] != 0xFF:
+                return False
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0xC0, 0xC1, 0xC2):  # SOF0-2: precision, height, width, components
+                return pos + 10 <= n and data[pos + 4] == 8 and data[pos + 9] in (1, 3)
+            if (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xDA:
+                return False  # lossless or arithmetic-coded, or scan data before any frame header
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        return False
 
     def _decode(self, images: list[bytes]) -> list:
         """JPEG bytes -> CHW uint8 tensors on the device (None where one fails), one batched call when all decode."""
@@ -173,9 +184,13 @@ class ImagePreprocessor:
         rest = list(range(len(images)))
         if self.decode == "tensor":
             jpeg = [i for i in rest if self._on_device(images[i])]
+            by_shape: dict[tuple, list] = {}  # images of one size are resized in one call (fewer kernel launches)
             for i, img in zip(jpeg, self._decode([images[i] for i in jpeg])):
                 if img is not None:
-                    on_device[i] = self._transform(img)
+                    by_shape.setdefault(tuple(img.shape), []).append((i, img))
+            for group in by_shape.values():
+                resized = self._transform(torch.stack([img for _, img in group]))
+                on_device.update((i, px) for (i, _), px in zip(group, resized))
             rest = [i for i in rest if i not in on_device]  # other formats, CMYK, and what the device refused
         decoded = self.pool.map(self._try_pixels if skip_bad else self._pixels, [images[i] for i in rest])
         on_cpu = {i: p for i, p in zip(rest, decoded) if p is not None}
