@@ -69,8 +69,9 @@ def photo(w: int, h: int, seed: int, mode: str = "RGB", fmt: str = "JPEG") -> by
     return buf.getvalue()
 
 
-# sizes: larger and smaller than the tiny model's 64 px input, landscape, portrait, odd
-SIZES = [(320, 240), (97, 211), (64, 64), (40, 30), (1000, 333), (65, 66)]
+# sizes: larger and smaller than the tiny model's 64 px input, landscape, portrait, odd; sizes that come back later in
+# the batch (the tensor path resizes each size's images together, and must put them back in their places)
+SIZES = [(320, 240), (97, 211), (64, 64), (320, 240), (40, 30), (1000, 333), (97, 211), (65, 66)]
 
 
 @pytest.fixture(scope="module")

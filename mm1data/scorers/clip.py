@@ -80,7 +80,7 @@ class ImagePreprocessor:
       call by torchvision's decode_jpeg on the device (nvJPEG on CUDA, batched; libjpeg-turbo on CPU), then each is
       resized and center-cropped on the device with torchvision.transforms.v2.functional as open_clip's Resize and
       CenterCrop do (shortest side to the model's size, antialiased bicubic or bilinear; or both sides, "squash").
-      A CPU decoding threads at ~1,500 images/s would starve a GPU that embeds several thousand pairs a second.
+      CPU decoding (~1,500 images/s on 16 threads) would starve a GPU that embeds several thousand pairs a second.
     - PIL (`decode="pil"`; the default on CPU, and on any device for other formats, CMYK JPEGs, JPEGs the device
       decoder refuses and preprocessings that are not Resize + CenterCrop + ToTensor + Normalize): open_clip's own
       PIL steps in threads (PIL releases the GIL), a reduced-size JPEG decode first (`draft`).
@@ -191,6 +191,7 @@ class ImagePreprocessor:
             for group in by_shape.values():
                 resized = self._transform(torch.stack([img for _, img in group]))
                 on_device.update((i, px) for (i, _), px in zip(group, resized))
+            on_device = dict(sorted(on_device.items()))  # back in batch order (the groups interleave)
             rest = [i for i in rest if i not in on_device]  # other formats, CMYK, and what the device refused
         decoded = self.pool.map(self._try_pixels if skip_bad else self._pixels, [images[i] for i in rest])
         on_cpu = {i: p for i, p in zip(rest, decoded) if p is not None}
@@ -206,7 +207,7 @@ class ImagePreprocessor:
         if on_device:
             parts.append((list(on_device), torch.stack(list(on_device.values()))))
         if len(parts) == 1:
-            x = parts[0][1]  # ok is sorted, and so is each part's index list
+            x = parts[0][1]  # ok is sorted, and so are both parts' keys
         else:
             x = torch.empty((len(ok), *parts[0][1].shape[1:]), dtype=torch.uint8, device=self.device)
             slot = {int(i): k for k, i in enumerate(ok)}
