@@ -151,7 +151,9 @@ class ImagePreprocessor:
         return False
 
     def _decode(self, images: list[bytes]) -> list:
-        """JPEG bytes -> CHW uint8 tensors on the device (None where one fails), one batched call when all decode."""
+        """JPEG bytes -> CHW uint8 tensors on the device (None where one fails), one batched call when all decode.
+        torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a DeprecationWarning); they are
+        what the pinned torch ships with, and TorchCodec would be a new dependency for the same nvJPEG call."""
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 

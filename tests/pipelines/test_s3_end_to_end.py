@@ -124,7 +124,7 @@ def manifest_uri(corpora_on_s3) -> str:
     return put("out/mix.yaml", yaml.safe_dump(doc).encode())
 
 
-def test_manifest_check_and_loader_resume_on_s3(manifest_uri, capsys):
+def test_manifest_check_and_loader_resume_on_s3(manifest_uri, capsys, fault_proxy, monkeypatch):
     assert cli(["manifest", "check", manifest_uri, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {s["name"]: s["samples"] for s in report["sources"]} == {"caption": 10, "interleaved": 4, "text": 10}
@@ -143,7 +143,13 @@ def test_manifest_check_and_loader_resume_on_s3(manifest_uri, capsys):
     head = ids(itertools.islice(iter(first), 17))
     resumed = MixtureDataset(m, **kw)  # resumes by ranged GETs at the sample offsets the .idx sidecars record
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    requests = []  # (method, path, Range header) of every S3 request, seen by the proxy in front of moto
+    decide = fault_proxy.decide
+    monkeypatch.setattr(fault_proxy, "decide", lambda *r: requests.append(r) or decide(*r))
     assert head + ids(resumed) == ids(whole)
+    tar_gets = [r for r in requests if r[0] == "GET" and r[1].endswith(".tar")]
+    assert tar_gets and all(r[2] for r in tar_gets)  # shards are read by ranges, never whole
+    assert any(not r[2].startswith("bytes=0-") for r in tar_gets)  # and the resume starts mid-shard
 
 
 def test_report_of_an_s3_output(corpora_on_s3, capsys):
