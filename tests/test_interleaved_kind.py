@@ -127,6 +127,22 @@ def test_relevance_scores_images_against_kept_paragraphs(site):
     assert list(strict(batch)["seg_reason"][0]) == ["", "relevance", "para_words", "relevance"]
 
 
+def test_relevance_marks_an_image_no_decoder_reads(site):
+    """Bytes that stopped decoding after the download (a damaged stage file, a decoder the download did not use)
+    are the position's failure (decode_error, NaN relevance), not the job's; the other images are scored."""
+    u = site.url
+    batch = download(doc_batch([(["a paragraph", None, None], [None, u("/a.jpg"), u("/b.png")])]))
+    batch["image"][0][2] = b"\x89PNG\r\n\x1a\n damaged"
+    cfg = RelevanceScorerConfig(model="mm1data-tiny-clip", pretrained=None, min=-1.0, device="cpu")
+    with pytest.warns(UserWarning, match="random weights"):
+        out = Relevance(cfg)(batch)
+    assert list(out["seg_reason"][0]) == ["", "", "decode_error"]
+    assert -1 <= out["image_relevance"][0][1] <= 1 and math.isnan(out["image_relevance"][0][2])
+    batch["image"][0][1] = b"\xff\xd8\xff broken too"  # every image of the batch: nothing to embed, no crash
+    out = Relevance(cfg)(batch)
+    assert list(out["seg_reason"][0]) == ["", "decode_error", "decode_error"]
+
+
 def test_finish_documents_and_sample(site):
     u = site.url
     batch = download(

@@ -23,7 +23,7 @@ from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
-from mm1data.scorers.clip import ClipConfig, ClipScorer
+from mm1data.scorers.clip import DECODE_ERROR, ClipConfig, ClipScorer
 from mm1data.stage import Batch, plain_lists
 
 
@@ -170,7 +170,8 @@ def _kept(row_images: list, seg: list, image_bytes: list | None = None) -> tuple
 class Relevance(ClipScorer):
     """Adds image_relevance (each kept image's best CLIP cosine against its document's kept paragraphs; NaN
     elsewhere) and image_best_segment (that paragraph's position; -1 elsewhere), as MMC4 scores images against
-    sentences. An image under `min` gets seg_reason `relevance`. A document without kept paragraphs is not scored.
+    sentences. An image under `min` gets seg_reason `relevance`, one that no decoder reads `decode_error`. A document
+    without kept paragraphs is not scored.
     Paragraphs are cut to the model's context (77 tokens for CLIP), as MMC4's sentences are short."""
 
     SECTION, OUTPUT = "clip", "image_relevance"
@@ -186,6 +187,21 @@ class Relevance(ClipScorer):
             return None
         return torch.cat([fn(items[a : a + self.chunk]) for a in range(0, len(items), self.chunk)])
 
+    def _embed_images(self, items: list[bytes]) -> tuple[Any, np.ndarray]:
+        """(an embedding per item, zeros where it does not decode; whether each decoded)."""
+        import torch
+
+        emb, decoded = None, np.zeros(len(items), dtype=bool)
+        for a in range(0, len(items), self.chunk):
+            part, ok = self.embed_decodable(items[a : a + self.chunk])
+            if part is None:
+                continue
+            if emb is None:
+                emb = torch.zeros((len(items), part.shape[1]), dtype=part.dtype, device=part.device)
+            emb[torch.as_tensor(a + ok, device=part.device)] = part
+            decoded[a + ok] = True
+        return emb, decoded
+
     def __call__(self, batch: Batch) -> Batch:
         texts, images, reasons = _lists(batch["texts"]), _lists(batch["images"]), _lists(batch["seg_reason"])
         data = _lists(batch["image"])
@@ -196,12 +212,18 @@ class Relevance(ClipScorer):
                 docs.append((d, imgs, paras, len(img_items), len(txt_items)))
                 img_items += [data[d][i] for i in imgs]
                 txt_items += [texts[d][i] for i in paras]
-        img_emb, txt_emb = self._embed(self.embed_images, img_items), self._embed(self.embed_texts, txt_items)
+        img_emb, decoded = self._embed_images(img_items)
+        txt_emb = self._embed(self.embed_texts, txt_items)
         relevance = [[float("nan")] * len(s) for s in reasons]
         best = [[-1] * len(s) for s in reasons]
         for d, imgs, paras, a, b in docs:
-            sim = (img_emb[a : a + len(imgs)] @ txt_emb[b : b + len(paras)].T).cpu().numpy()
+            sim = (
+                None if img_emb is None else (img_emb[a : a + len(imgs)] @ txt_emb[b : b + len(paras)].T).cpu().numpy()
+            )
             for k, i in enumerate(imgs):
+                if not decoded[a + k]:  # no decoder reads it: the position's failure, not the job's
+                    reasons[d][i] = DECODE_ERROR
+                    continue
                 relevance[d][i] = float(sim[k].max())
                 best[d][i] = paras[int(sim[k].argmax())]
                 if relevance[d][i] < self.min:

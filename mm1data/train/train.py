@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -192,12 +194,15 @@ def train(
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=[local] if cuda else None)
 
+    # metrics, keys and plots are appended to files in `work`: `out` itself, or for an s3:// --out a local folder
+    # copied to it after every checkpoint and at the end (S3 objects cannot be appended to)
+    work, own = run_folder(out, resume, rank), [f"keys-{rank}.jsonl" if world > 1 else "keys.jsonl"]
     if main:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
+        own += ["config.json", "metrics.jsonl", "loss.png"]
+        with open(os.path.join(work, "config.json"), "w") as f:
             json.dump({"train": to_dict(cfg), "manifest": manifest.to_dict(), "streams": streams}, f, indent=1)
         for name in ("metrics.jsonl", "keys.jsonl", *(f"keys-{r}.jsonl" for r in range(world))):
-            keep_rows(os.path.join(out, name), step)
+            keep_rows(os.path.join(work, name), step)
         log.info(
             "model: %.2fM parameters (%.2fM image encoder, %.2fM connector); %d process(es), %d stream(s), "
             "%d micro-batches of %d per step",
@@ -264,9 +269,9 @@ def train(
         if heldout and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             row["heldout"] = evaluate(compiled, evalset, heldout, manifest.sequence, tok, cfg, device, autocast, world)
         if cfg.record_keys:
-            record_keys(out, step, batch["keys"], rank, world)
+            record_keys(work, step, batch["keys"], rank, world)
         if main:  # before the checkpoint: a resume from it finds this step's row
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(work, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.update(row)
         if step == steps or step % cfg.checkpoint_every == 0:
@@ -277,6 +282,7 @@ def train(
                 states = [s for part in gathered for s in part]
             if main:
                 write_checkpoint(ckpt_uri, raw, opt, sched, step, cfg, manifest, fingerprint, streams, states)
+            copy_out(work, out, own)
         summary.setdefault("first", row)
         summary["last"] = row
         if "heldout" in row:
@@ -284,7 +290,8 @@ def train(
 
     if main:
         bar.close()
-        plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+        plot_losses(os.path.join(work, "metrics.jsonl"), os.path.join(work, "loss.png"))
+    copy_out(work, out, own)
     for it in iters:
         if hasattr(it, "close"):
             it.close()
@@ -467,6 +474,36 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"--resume: {uri} is not an mm1data checkpoint (version {CHECKPOINT_VERSION})")
     return ckpt
+
+
+def run_folder(out: str, resume: bool, rank: int = 0) -> str:
+    """The local folder the run appends its files to: `out`, or for s3:// a folder under the system's temporary
+    directory named by the URI and the rank, holding what `out` holds (--resume) or nothing (a new run)."""
+    if not storage.is_s3(out):
+        os.makedirs(out, exist_ok=True)
+        return out
+    work = os.path.join(
+        tempfile.gettempdir(), "mm1data-runs", f"{hashlib.sha256(out.encode()).hexdigest()[:16]}-{rank}"
+    )
+    shutil.rmtree(work, ignore_errors=True)  # a mirror left by an earlier run on this host may be stale
+    os.makedirs(work)
+    if resume:
+        for uri in storage.list_files(out, recursive=False):
+            if uri.endswith(".jsonl"):
+                with open(os.path.join(work, uri.rsplit("/", 1)[1]), "wb") as f:
+                    f.write(storage.read_bytes(uri))
+    return work
+
+
+def copy_out(work: str, out: str, names: list[str]) -> None:
+    """For an s3:// --out: upload the named files of `work` that exist (each whole, replacing the last copy)."""
+    if work == out:
+        return
+    for name in names:
+        path = os.path.join(work, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(out, name), f.read())
 
 
 def keep_rows(path: str, step: int) -> None:
