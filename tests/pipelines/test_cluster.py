@@ -3,10 +3,7 @@ GPU stage declared in the run config waits for a GPU node, and `ray job submit` 
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
 
 import pyarrow as pa
@@ -65,11 +62,14 @@ def test_a_node_joining_mid_run_takes_the_gpu_stage_and_work(cluster, tmp_path):
             assert run.poll() is None, log.read_text()[-3000:]
             pending = actors(cluster, "ClipScorer")
             assert {a["state"] for a in pending} <= {"PENDING_CREATION", "DEPENDENCIES_UNREADY"}, pending
+            print(f"CLIP actor pending: {time.monotonic() - t0:.1f} s")
             cluster.start_node(cpus=2, gpus=1)
+            print(f"joined: {time.monotonic() - t0:.1f} s")
             assert run.wait(timeout=180) == 0, log.read_text()[-3000:]
         finally:
             if run.poll() is None:
                 run.kill()
+    print(f"run done: {time.monotonic() - t0:.1f} s")
     head = next(n["node_id"] for n in cluster.alive_nodes() if n["is_head_node"])
     joined = next(n["node_id"] for n in cluster.alive_nodes() if not n["is_head_node"])
     clip = actors(cluster, "ClipScorer")
