@@ -3,8 +3,12 @@ GPU stage declared in the run config waits for a GPU node, and `ray job submit` 
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +20,8 @@ from mm1data.demo import ImageServer, Route
 from mm1data.shards import read_index
 
 pytestmark = pytest.mark.cluster
+pytest.importorskip("aiohttp", reason="the dashboard (job submission, state API) needs ray[default]: the test extra")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +91,39 @@ def test_a_node_joining_mid_run_takes_the_gpu_stage_and_work(cluster, tmp_path):
     assert index["funnel"]["kept"] == len(rows)
     meta = pq.read_table(out / "meta", columns=["clip_score"]).column("clip_score").to_pylist()
     assert len(meta) == len(rows) and all(s == s for s in meta)  # every row scored (NaN: not scored)
+
+
+def test_ray_job_submit_runs_a_corpus_job_with_the_token(cluster, tmp_path):
+    # the README's command on a real cluster: the working dir travels without its .venv (the checkout's .rayignore;
+    # .gitignore, which Ray also reads, is left out here), and Ray 2.60's
+    # job API refuses a client that does not send the token (RAY_AUTH_MODE unset) with "Missing authentication token"
+    t0 = time.monotonic()
+    wd = tmp_path / "job"
+    (wd / ".venv").mkdir(parents=True)
+    (wd / ".venv" / "big").write_bytes(b"\0" * 1024)
+    shutil.copy(ROOT / ".rayignore", wd)
+    words = [f"w{i}" for i in range(500)]
+    docs = [" ".join(words[(7 * d + k * k) % 500] for k in range(60)) for d in range(40)]
+    (wd / "corpus.jsonl").write_text("".join(json.dumps({"text": t, "id": str(i)}) + "\n" for i, t in enumerate(docs)))
+    out = tmp_path / "out"
+    job = f"test ! -e .venv && mm1data run text --input corpus.jsonl --output {out} --set filters=[] --address auto"
+    cmd = ["job", "submit", "--address", cluster.dashboard, "--working-dir", str(wd), "--", "sh", "-c", job]
+    refused = subprocess.run(
+        [str(BIN / "ray"), *cmd],
+        env=cluster.env(RAY_AUTH_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
+    done = cluster.ray(*cmd, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"ray job submit: {time.monotonic() - t0:.1f} s")
+    index = read_index(str(out))
+    assert index["totals"]["samples"] == len(docs)
+    assert [s["num_samples"] for s in index["shards"]] == [len(docs)]
+    with tarfile.open(out / index["shards"][0]["path"]) as tar:
+        texts = sorted(m.name for m in tar.getmembers() if m.name.endswith(".txt"))
+    assert len(texts) == len(docs)
+    meta = pq.read_table(out / "meta", columns=["key", "drop_reason"])
+    assert meta.num_rows == len(docs) and set(meta.column("drop_reason").to_pylist()) == {""}
