@@ -82,6 +82,7 @@ def test_a_node_joining_mid_run_takes_the_gpu_stage_and_work(cluster, tmp_path):
     assert clip and {a["node_id"] for a in clip} == {joined}  # the GPU stage ran on the node that joined
     downloads = actors(cluster, "ImageDownloader")
     tasks = [t for t in cluster.state("tasks") if t.get("node_id") == joined and t.get("type") == "NORMAL_TASK"]
+    assert tasks  # the run's tasks (read, filters, staging, the corpus-wide half) spread to the CPUs that joined
     print(
         f"cluster join: {time.monotonic() - t0:.1f} s; download actors per node:",
         {n: sum(a["node_id"] == n for a in downloads) for n in (head, joined)},
