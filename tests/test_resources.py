@@ -64,6 +64,11 @@ def test_capacity_follows_the_config_then_the_cluster(ray_session):
     assert model_gpus(cfg.clip, cluster_capacity(cfg)) == 1.0
 
 
+def test_a_gpu_minimum_the_cluster_cannot_reach_is_refused():
+    with pytest.raises(ConfigError, match="3 model actors at 1 GPU each need 3 GPUs; the cluster can reach 2"):
+        caption.stages(config("caption", "clip.workers=3"), Capacity(cpus=8, max_cpus=8, max_gpus=2))
+
+
 @pytest.mark.parametrize("key", ["cluster.max_cpus=0", "cluster.max_gpus=-1", "cluster.max_cpus=.inf"])
 def test_bad_bounds_are_refused(key):
     with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):

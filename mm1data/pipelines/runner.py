@@ -38,9 +38,7 @@ class ClusterConfig:
     """How far a run's actor pools may grow. Ray Data adds actors up to these bounds while work queues and the
     cluster has room, so workers the autoscaler adds (or nodes that join) mid-run get work."""
 
-    max_cpus: int | None = (
-        None  # CPUs the cluster can grow to; null: the autoscaler's bound (ray up), else those at start
-    )
+    max_cpus: int | None = None  # CPUs the cluster can grow to; null: the autoscaler's bound, else those now
     max_gpus: int | None = None  # GPUs likewise; > 0: a model stage with num_gpus null asks for a GPU per actor
 
     def __post_init__(self) -> None:
@@ -163,6 +161,11 @@ def model_pool(c: Any, cap: Capacity) -> tuple[int, int]:
     gpus = model_gpus(c, cap)
     if not gpus:
         return c.workers, c.workers
+    if 0 < cap.max_gpus < c.workers * gpus:  # its minimum could never start: the run would wait forever
+        raise ConfigError(
+            f"{c.workers} model actors at {gpus:g} GPU each need {c.workers * gpus:g} GPUs; the cluster can reach "
+            f"{cap.max_gpus:g} (lower `workers` or `num_gpus`, or set cluster.max_gpus)"
+        )
     return c.workers, max(c.workers, int(cap.max_gpus / gpus))
 
 
