@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,3 +132,4 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)  # its own session (start_new_session): only what it started
                 p.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)  # sessions, logs, spilled objects
