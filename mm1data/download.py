@@ -54,7 +54,7 @@ IDLE_REUSE_S = 4.0  # reconnect rather than reuse a connection idle this long (c
 @dataclass(frozen=True)
 class DownloadConfig:
     threads: int = 32  # concurrent fetches per worker
-    workers: int = 0  # download actors; 0 = one per CPU of the cluster
+    workers: int = 0  # download actors; 0 = elastic: one per CPU at the start up to one per CPU it can reach
     batch_size: int = 256  # rows per map_batches call
     timeout_s: float = 10.0  # per attempt, connect + whole body (img2dataset: 10)
     retries: int = 2  # extra attempts for timeouts, connection errors, 429 and 5xx; never for other 4xx

@@ -13,7 +13,7 @@ import pyarrow as pa
 from mm1data.config import to_dict
 from mm1data.dedup import ExactDedup
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
+from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage, download_pool, model_stage, null_weights
 from mm1data.read import InputConfig, read_unit
 from mm1data.recaption import CocaCaptioner, RecaptionConfig
 from mm1data.schema import CaptionSample, count_tokens
@@ -37,28 +37,21 @@ class Config(RunConfig):
     recaption: RecaptionConfig = field(default_factory=RecaptionConfig)  # synthetic captions (KEY.syn.txt)
 
 
-def stages(cfg: Config, cpus: int) -> list[Stage]:
-    """Download on an actor pool (threads inside), then CLIP on its own pool, then (after every filter) recaptioning
-    on its own pool; the model pools take a GPU per actor when the cluster has GPUs."""
+def stages(cfg: Config, cap: Capacity) -> list[Stage]:
+    """Download on an elastic actor pool (threads inside), then CLIP on its own pool, then (after every filter)
+    recaptioning on its own pool; the model pools take a GPU per actor when configured or when the cluster can get
+    GPUs (runner.model_gpus)."""
     d, c, r = cfg.download, cfg.clip, cfg.recaption
-    # Actors hold their CPU share while idle, so leave one CPU for the tasks (read, repartition, filters, staging)
-    # or the pipeline starves on a small machine.
-    model_cpu = model_cpus(c) + model_cpus(r)
-    dl_workers = d.workers or max(1, cpus - (c.workers if c.enabled else 0) - (r.workers if r.enabled else 0))
+    share, pool = download_pool(d.workers, (c, r), cap)
     out = [
         Stage(  # -> + image, image_ext, width, height, orig_*, sha256, download_*, original_*, status, error_message
-            ImageDownloader,
-            d,
-            "before",
-            batch_size=d.batch_size,
-            num_cpus=min(0.5, max(0.05, (cpus - 1 - model_cpu) / dl_workers)),
-            actors=(dl_workers, dl_workers),
+            ImageDownloader, d, "before", batch_size=d.batch_size, num_cpus=share, actors=pool
         )
     ]
     if c.enabled:  # -> + clip_score (NaN on rows already dropped)
-        out.append(model_stage(ClipScorer, c, "score", c.batch_size, provides=("clip_score",)))
+        out.append(model_stage(ClipScorer, c, "score", c.batch_size, cap, provides=("clip_score",)))
     if r.enabled:  # -> + syn_caption ("" on rows dropped by a filter; dedup comes later, in split)
-        out.append(model_stage(CocaCaptioner, r, "after", r.batch_size))
+        out.append(model_stage(CocaCaptioner, r, "after", r.batch_size, cap))
     return out
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from mm1data.config import check, to_dict
 from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
-from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
+from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage, download_pool, model_stage, null_weights
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
 from mm1data.scorers.clip import DECODE_ERROR, ClipConfig, ClipScorer
@@ -275,24 +275,24 @@ def finish_documents(batch: Batch, cfg: Any = None) -> Batch:
     return plain_lists(batch)
 
 
-def stages(cfg: Config, cpus: int) -> list[Stage]:
-    """Download on an actor pool (threads inside), relevance on its own pool (a GPU each when the cluster has GPUs),
-    then the document finish after every filter."""
+def stages(cfg: Config, cap: Capacity) -> list[Stage]:
+    """Download on an elastic actor pool (threads inside), relevance on its own pool (a GPU each when configured or
+    when the cluster can get GPUs), then the document finish after every filter."""
     d = cfg.download
     r = RelevanceScorerConfig(**to_dict(cfg.clip), min=cfg.relevance.min)
-    dl_workers = d.workers or max(1, cpus - (r.workers if r.enabled else 0))
+    share, pool = download_pool(d.workers, (r,), cap)
     out = [
         Stage(  # -> + image, image_* per position
             DocumentImages,
             (d, cfg.dedup.in_document),
             "before",
             batch_size=cfg.batch_size,
-            num_cpus=min(0.5, max(0.05, (cpus - 1 - model_cpus(r)) / dl_workers)),  # one CPU left for the tasks
-            actors=(dl_workers, dl_workers),
+            num_cpus=share,
+            actors=pool,
         )
     ]
     if r.enabled:  # -> + image_relevance, image_best_segment
-        out.append(model_stage(Relevance, r, "score", cfg.batch_size, provides=("image_relevance",)))
+        out.append(model_stage(Relevance, r, "score", cfg.batch_size, cap, provides=("image_relevance",)))
     out.append(Stage(finish_documents, None, "after", batch_size=cfg.batch_size, num_cpus=0.25))
     return out
 

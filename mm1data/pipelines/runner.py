@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from mm1data import storage
-from mm1data.config import ConfigError, to_dict
+from mm1data.config import ConfigError, check, to_dict
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
 from mm1data.progress import Progress, StageSummary
@@ -34,6 +34,28 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How far a run's actor pools may grow. Ray Data adds actors up to these bounds while work queues and the
+    cluster has room, so workers the autoscaler adds (or nodes that join) mid-run get work."""
+
+    max_cpus: int | None = None  # CPUs the cluster can grow to; null: the autoscaler's bound, else those now
+    max_gpus: int | None = None  # GPUs likewise; > 0: a model stage with num_gpus null asks for a GPU per actor
+
+    def __post_init__(self) -> None:
+        check(self, "max_cpus", ge=1, optional=True)
+        check(self, "max_gpus", ge=0, optional=True)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The cluster a run's stages are sized for: CPUs at the start, and the most CPUs and GPUs it can grow to."""
+
+    cpus: int = 1
+    max_cpus: int = 1
+    max_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What every corpus job has; a kind's Config extends it with its own sections (input, download, clip, ...)."""
 
@@ -42,6 +64,7 @@ class RunConfig:
     output: str = ""  # corpus root, local or s3:// (the --output flag sets it)
     filters: str | tuple[dict, ...] = ()  # a chain file (path or preset name in filters/) or an inline list
     shards: ShardConfig = field(default_factory=ShardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # actor pool bounds (the run's resources)
 
     def __post_init__(self) -> None:
         check_corpus_name(self.corpus)  # a `/` or `..` would put shards outside the output folder
@@ -73,7 +96,7 @@ class Kind:
     payload: tuple[str, ...]  # the tar members' columns: never read by the corpus-wide half
     size_col: str  # bytes of a row's payload, for cutting shards by size (the payload's length if no stage sets it)
     read: Callable[[Unit, Any, Iterable[int]], Iterator[Batch]]  # (unit, cfg.input, staged src_rows) -> batches
-    stages: Callable[[Any, int], list[Stage]]  # (cfg, cluster CPUs) -> the per-row stages
+    stages: Callable[[Any, Capacity], list[Stage]]  # (cfg, the cluster's capacity) -> the per-row stages
     sample: SampleBuilder  # a staged row -> tar members and text tokens
     dedup: Callable[[Any], list]  # cfg -> ExactDedup / NearDedup steps, in order
     fingerprint: Callable[[Any], dict[str, Any]]  # the per-row config sections that staged rows depend on
@@ -91,14 +114,31 @@ class Kind:
     items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None
 
 
-def model_gpus(c: Any) -> float | None:
-    """GPUs per actor of a model stage (CLIP, relevance, recaption): its `num_gpus` when set, else 1 when the
-    cluster has GPUs, else none."""
-    if c.num_gpus is not None:
-        return c.num_gpus or None
+def cluster_capacity(cfg: RunConfig) -> Capacity:
+    """The connected cluster's CPUs now, and the most CPUs and GPUs it can reach: `cluster.max_cpus` /
+    `cluster.max_gpus` when set, else the autoscaler's bounds (the node types of `ray up`'s config, summed at their
+    max_workers), else what it has now."""
     import ray
 
-    return float(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0) or None
+    now = ray.cluster_resources()
+    try:  # Ray's own reading of the autoscaler config (what Ray Data's autoscaler uses); None without an autoscaler
+        bound = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API: if it moves, the pools are sized from the cluster as it is now
+        log.debug("no autoscaler bounds", exc_info=True)
+        bound = {}
+    cpus = max(1, int(now.get("CPU", 0)))
+    c = cfg.cluster
+    max_cpus = c.max_cpus if c.max_cpus is not None else max(int(bound.get("CPU", 0)), int(now.get("CPU", 0)))
+    max_gpus = c.max_gpus if c.max_gpus is not None else max(float(bound.get("GPU", 0)), float(now.get("GPU", 0)))
+    return Capacity(cpus=cpus, max_cpus=max(cpus, max_cpus), max_gpus=float(max_gpus))
+
+
+def model_gpus(c: Any, cap: Capacity) -> float | None:
+    """GPUs per actor of a model stage (CLIP, relevance, recaption): its `num_gpus` when set (0: none), else 1 when
+    the cluster has or can get GPUs (so an autoscaler with GPU workers at 0 is asked for one), else none."""
+    if c.num_gpus is not None:
+        return c.num_gpus or None
+    return 1.0 if cap.max_gpus > 0 else None
 
 
 def null_weights(section: str, c: Any, output: str) -> list[str]:
@@ -108,15 +148,34 @@ def null_weights(section: str, c: Any, output: str) -> list[str]:
     return []
 
 
-def model_cpus(c: Any) -> float:
-    """CPUs a model stage's actors hold while the run lasts: a CPU-only actor is counted at 0.5 (0 if disabled)."""
-    return (1.0 if model_gpus(c) else 0.5) * c.workers if c.enabled else 0.0
+def model_cpus(c: Any, cap: Capacity) -> float:
+    """CPUs a model stage's actors hold while the run lasts (at their minimum): a CPU-only actor is counted at 0.5
+    (0 if disabled)."""
+    return (1.0 if model_gpus(c, cap) else 0.5) * c.workers if c.enabled else 0.0
 
 
-def model_stage(cls: type, c: Any, place: str, batch_size: int, provides: tuple[str, ...] = ()) -> Stage:
-    """A model (open_clip weights: `c.model`, `c.pretrained`, `c.model_config`) on an actor pool of `c.workers`
-    actors, a GPU each when model_gpus says so; local weight paths made absolute (actors may run elsewhere)."""
-    gpus = model_gpus(c)
+def model_pool(c: Any, cap: Capacity) -> tuple[int, int]:
+    """A model stage's actor pool (min, max): `c.workers` at least; on GPUs as many as the GPUs the cluster can reach
+    hold. A CPU-only pool stays at `c.workers`: each actor holds a model copy and its CPU share while idle, and CPU
+    scoring is the small-machine fallback."""
+    gpus = model_gpus(c, cap)
+    if not gpus:
+        return c.workers, c.workers
+    if 0 < cap.max_gpus < c.workers * gpus:  # its minimum could never start: the run would wait forever
+        raise ConfigError(
+            f"{c.workers} model actors at {gpus:g} GPU each need {c.workers * gpus:g} GPUs; the cluster can reach "
+            f"{cap.max_gpus:g} (lower `workers` or `num_gpus`, or set cluster.max_gpus)"
+        )
+    return c.workers, max(c.workers, int(cap.max_gpus / gpus))
+
+
+def model_stage(
+    cls: type, c: Any, place: str, batch_size: int, cap: Capacity, provides: tuple[str, ...] = ()
+) -> Stage:
+    """A model (open_clip weights: `c.model`, `c.pretrained`, `c.model_config`) on an elastic actor pool
+    (model_pool), a GPU each when model_gpus says so; local weight paths made absolute (actors may run elsewhere)."""
+    gpus = model_gpus(c, cap)
+    pool = model_pool(c, cap)
     c = dataclasses.replace(c, pretrained=absolute(c.pretrained), model_config=absolute(c.model_config))
     return Stage(
         cls,
@@ -125,9 +184,23 @@ def model_stage(cls: type, c: Any, place: str, batch_size: int, provides: tuple[
         batch_size=batch_size,
         num_cpus=1.0 if gpus else 0.5,
         num_gpus=gpus,
-        actors=(c.workers, c.workers),
+        actors=pool,
         provides=provides,
     )
+
+
+def download_pool(workers: int, models: Iterable[Any], cap: Capacity) -> tuple[float, tuple[int, int]]:
+    """CPUs per actor and the (min, max) actor pool of a download stage run beside the model stages `models`:
+    `workers` actors when set, else one per CPU the cluster has at the start (min) and can grow to (max), less the
+    model actors. Actors hold their CPU share while idle, so one CPU is left for the tasks (read, repartition,
+    filters, staging), or the pipeline starves on a small machine (2 CPUs: one download actor at 0.5 CPU beside a
+    CPU-only CLIP actor at 0.5)."""
+    models = [c for c in models if c.enabled]
+    taken = sum(c.workers for c in models)
+    low = workers or max(1, cap.cpus - taken)
+    high = workers or max(low, cap.max_cpus - taken)
+    held = sum(model_cpus(c, cap) for c in models)
+    return min(0.5, max(0.05, (cap.max_cpus - 1 - held) / high)), (low, high)
 
 
 def absolute(path: str | None) -> str | None:
@@ -158,7 +231,7 @@ def init_ray(address: str | None) -> None:
 def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
     """Run (or finish, after a crash) a corpus job; returns the index.json it wrote."""
     chain = parse_chain(cfg.filters, search_dirs)
-    provided = {c for s in kind.stages(cfg, 1) for c in s.provides}
+    provided = {c for s in kind.stages(cfg, Capacity()) for c in s.provides}
     for c in chain:
         missing = sorted(set(get_filter(c.name).needs) - provided)
         if missing:
@@ -211,7 +284,7 @@ def stage_rows(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: lis
             n = int(b["rows"].sum())
             rows, kept = rows + n, kept + int(b["kept"].sum())
             bar.update(n)
-        names = ", ".join(stage_name(s.fn) for s in kind.stages(cfg, 1))
+        names = ", ".join(stage_name(s.fn) for s in kind.stages(cfg, Capacity()))
         summary = StageSummary("per-row", rows, kept, bar.close(), note=f"{len(todo)} units; filters, {names}")
     mark_staged(cfg.output, len(units))
     return summary
@@ -222,8 +295,13 @@ def build(kind: Kind, cfg: Any, chain: tuple[FilterConfig, ...], units: list[Uni
     import ray
     from ray.data import ActorPoolStrategy
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    stages = kind.stages(cfg, cpus)
+    cap = cluster_capacity(cfg)
+    stages = kind.stages(cfg, cap)
+    for s in stages:
+        if s.actors:
+            log.info(
+                "%s: %d to %d actors, %g CPU and %g GPU each", stage_name(s.fn), *s.actors, s.num_cpus, s.num_gpus or 0
+            )
     batch = kind.batch_size(cfg)
 
     def filters(ds, names: set[str] | None, late: bool = False):  # the chain's filters on these scorer columns

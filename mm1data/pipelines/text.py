@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from mm1data.config import check, to_dict
 from mm1data.dedup import ExactDedup, MinHashConfig, NearDedup, minhash_bands, text_fingerprints
-from mm1data.pipelines.runner import Kind, RunConfig, Stage
+from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage
 from mm1data.read import TextInputConfig, read_text_unit
 from mm1data.schema import TextDoc, count_tokens
 from mm1data.stage import Batch
@@ -51,8 +51,8 @@ def hash_texts(batch: Batch, cfg: TextDedupConfig) -> Batch:
     return batch
 
 
-def stages(cfg: Config, cpus: int) -> list[Stage]:
-    # -> + text_hash, mh_bands
+def stages(cfg: Config, cap: Capacity) -> list[Stage]:
+    # -> + text_hash, mh_bands (Ray tasks: they spread over whatever nodes the cluster has)
     return [Stage(hash_texts, cfg.dedup, "after", batch_size=cfg.batch_size, num_cpus=1)]
 
 
