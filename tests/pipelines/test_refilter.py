@@ -265,3 +265,68 @@ def test_refilter_s3_round_trip(ray_session, s3_server, tmp_path):
         s3.download_file("refilter", f"b/{s['path']}", str(path))
         got += [x["__key__"] for x in wds.WebDataset([str(path)])]
     assert got == keys([*range(9, 16), 16])  # the 60 px image: no image_min_side in this chain
+
+
+def test_refilter_text_kind(ray_session, tmp_path):
+    """Text: rows brought back get their exact and MinHash hashes (the source hashed only the rows it kept), so the
+    new output's dedup sees them; a filter the source did not run is computed from the staged text."""
+
+    def doc(tag: str, n: int, last: str | None = None) -> str:
+        w = [f"{tag}{j}" for j in range(n)]
+        return " ".join(w[:-1] + [last or w[-1]]) + "."
+
+    texts = [doc("alpha", 60), doc("beta", 40), doc("beta", 40), doc("beta", 40, "changed"), doc("gamma", 30)]
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    src, new = str(tmp_path / "src"), str(tmp_path / "new")
+    run_pipeline("pipelines/text.yaml", str(inp), src, ["filters=[{name: gopher_words, min: 50}]"])
+    assert list(reasons(src).values()) == ["", "gopher_words", "gopher_words", "gopher_words", "gopher_words"]
+
+    chain = "[{name: gopher_words, min: 35}, {name: gopher_mean_word_length, max: 6.5}]"
+    index = refilter(src, _chain(tmp_path, chain), new)
+    meta = sorted(pq.read_table(os.path.join(new, "meta")).to_pylist(), key=lambda m: m["src_row"])
+    assert [m["drop_reason"] for m in meta] == ["gopher_mean_word_length", "", "dup_text", "dup_near", "gopher_words"]
+    assert meta[3]["dup_cluster"] == meta[1]["key"]  # the near copy's cluster is the document it copies
+    assert meta[0]["gopher_mean_word_length"] == pytest.approx(6.8333, abs=1e-3)  # computed: not in the source
+    samples = list(wds.WebDataset([os.path.join(new, s["path"]) for s in index["shards"]]))
+    assert [s["txt"].decode() for s in samples] == [texts[1]]
+
+
+def test_refilter_interleaved(ray_session, tmp_path):
+    """Interleaved: document filters are decided again (a document brought back gets its finish: image set,
+    repetition values, sizes); the position-level filters must stay as the source ran them."""
+    with ImageServer() as srv:
+        srv.routes["/a.jpg"] = Route(jpeg(200, 160, seed=1))
+        srv.routes["/b.jpg"] = Route(jpeg(210, 160, seed=2))
+        srv.routes["/small.jpg"] = Route(jpeg(60, 60, seed=3))
+        u = srv.url
+        rows = [
+            {"url": "https://s.example/0", "texts": [words(10), None], "images": [None, u("/a.jpg")]},
+            {"url": "https://s.example/1", "texts": [words(5), None], "images": [None, u("/b.jpg")]},
+            {"url": "https://s.example/2", "texts": [words(10), None], "images": [None, u("/small.jpg")]},
+        ]
+        inp = write_input(rows, tmp_path / "docs.parquet")
+        src = str(tmp_path / "src")
+        pos = "{name: img_min_side, min: 100}"
+        chain = f"[{pos}, {{name: doc_words, min: 8}}, {{name: doc_images, min: 1, max: 30}}]"
+        overrides = ["download.allow_private_hosts=true", "clip.enabled=false", f"filters={chain}"]
+        run_pipeline("pipelines/interleaved.yaml", inp, src, overrides)
+        before = hits(srv)
+        assert list(reasons(src).values()) == ["", "doc_words", "doc_images"]
+
+        new = str(tmp_path / "new")
+        chain = f"[{pos}, {{name: doc_words, min: 4}}, {{name: doc_images, min: 1, max: 30}}]"
+        index = refilter(src, _chain(tmp_path, chain), new)
+        assert list(reasons(new).values()) == ["", "", "doc_images"]
+        meta = meta_by_row(new)
+        assert meta[1]["images_kept"] == 1 and meta[1]["image_set"] != "" and meta[1]["doc_images"] == 1
+        samples = list(wds.WebDataset([os.path.join(new, s["path"]) for s in index["shards"]]))
+        assert [s["__key__"] for s in samples] == [make_key("docs.parquet", 0), make_key("docs.parquet", 1)]
+        assert json.loads(samples[1]["json"])["segments"] == [{"text": words(5)}, {"image": 0}]
+        assert samples[1]["0.jpg"][:2] == b"\xff\xd8"
+
+        with pytest.raises(ConfigError, match="position-level filters .* img_min_side differs"):
+            refilter(src, _chain(tmp_path, "[{name: img_min_side, min: 50}, {name: doc_images, min: 1}]"), new + "2")
+        with pytest.raises(ConfigError, match="position-level filters .* img_min_side differs"):
+            refilter(src, _chain(tmp_path, "[{name: doc_images, min: 1}]"), new + "3")
+        assert hits(srv) == before
