@@ -88,3 +88,9 @@ def test_chain_syntax():
 def test_chain_errors(entry, message):
     with pytest.raises(ConfigError, match=message):
         parse_chain([entry])
+
+
+def test_config_show_keeps_percentiles():
+    from mm1data.pipelines import show_config
+
+    assert "min_percentile: 70" in show_config("caption", ["filters=caption_datacomp_clip30"])

@@ -123,6 +123,16 @@ def test_percentile_in_a_run(ray_session, tmp_path):
     assert read_index(out)["thresholds"] == [record]
     assert index["config"]["filters"][1]["min_percentile"] == 70.0
 
+    # another percentile on the same output: the staged rows stand (the percentile is no part of their fingerprint),
+    # only the corpus-wide half is redone. Top 50%: rank ceil(8.5) = 9 of the 17 is 10 words.
+    chain = chain.replace("70", "50")
+    with ImageServer({}) as srv:
+        make_rows(srv)
+        again = run_pipeline("pipelines/caption.yaml", inp, out, [*TINY, "clip.enabled=false", f"filters={chain}"])
+        assert hits(srv) == 0
+    assert again["thresholds"][0]["threshold"] == 10.0 and again["run_id"] == index["run_id"]
+    assert shard_keys(out) == keys(range(9, 16))  # row 18 is row 10's URL again, and row 10 is kept now
+
 
 def test_refilter_tighter(source, tmp_path):
     before = hits(source["srv"])
