@@ -85,7 +85,7 @@ def _merged(ds: ray.data.Dataset, column: str, top: int | None) -> np.ndarray:
     """The dense 65,536-bin counts of a digit over the whole dataset (the driver holds only these)."""
     total = np.zeros(BINS, dtype=np.int64)
     fn = functools.partial(_hist, column=column, top=top)
-    for b in ds.map_batches(fn, batch_format="numpy", num_cpus=0.25).iter_batches(batch_size=None):
+    for b in ds.map_batches(fn, batch_size=None, batch_format="numpy", num_cpus=0.25).iter_batches(batch_size=None):
         if len(b.get("bin", ())):
             np.add.at(total, b["bin"], b["count"])
     return total
