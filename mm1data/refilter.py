@@ -10,8 +10,9 @@ chain and other dedup / shard settings: no download and no model scoring again.
 
 How a row is decided again:
 - A row the source dropped before its filters (a download or read failure: a reason that is no filter name of the
-  source's chain) stays dropped with its reason. Every other row (kept, or dropped by a filter) is decided by the new
-  chain, in the order a run applies it: filters that need no scorer, then those on each scorer's column, then late.
+  source's chain, nor `not_scored`) stays dropped with its reason. Every other row (kept, or dropped by a filter) is
+  decided by the new chain, in the order a run applies it: filters that need no scorer, then those on each scorer's
+  column, then late.
 - A filter's score comes from its staged column; where the column is missing, or NaN on a row the source had dropped
   (a filter that skips dropped rows did not score it), it is computed from the staged row when the filter needs no
   scorer stage (text and image-size rules, lid.176 on the CPU). A scorer's column (clip_score, image_relevance) is
@@ -129,14 +130,16 @@ def refilter(
         payload_from=payload_from,
         output=output,
         payload=kind.payload,
-        old_names=frozenset(c.name for c in old_chain),
+        old_names=frozenset([*(c.name for c in old_chain), NOT_SCORED]),  # a refiltered source's not_scored too
         chain=_evaluation_order(kind, cfg, chain),
         after=after,
         types={**COMMON_TYPES, **kind.columns},
     )
+    units_digest = hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest()
     fingerprint = {
         "source": source,
         "source_run_id": index.get("run_id"),
+        "units": units_digest,  # as a run's run.json has it: a refilter of NEW checks it
         "filters": [c.per_row() for c in chain],  # the percentiles are decided in finalize, from NEW's staging
         "after": json.dumps([to_dict(c) for _, c, _ in after], default=str, sort_keys=True),
     }

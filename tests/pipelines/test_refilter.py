@@ -183,6 +183,15 @@ def test_refilter_looser_brings_rows_back(source, tmp_path):
     refilter(source["out"], _chain(tmp_path, "[{name: caption_words, min: 2}, {name: clip_score, min: -1}]"), scored)
     expect.update({1: "not_scored", 2: "not_scored", 3: "not_scored", 16: "not_scored"})
     assert reasons(scored) == expect
+    # a refiltered output is a source too: its not_scored rows are decided again (the payload stays the first's)
+    again = str(tmp_path / "again")
+    index = refilter(scored, _chain(tmp_path, "[{name: caption_words, min: 3}]"), again)
+    assert index["refiltered_from"] == {
+        "output": scored,
+        "run_id": read_index(scored)["run_id"],
+        "payload": source["out"],
+    }
+    assert shard_keys(again) == keys([*range(2, 16), 16])
     assert hits(source["srv"]) == before
 
 
