@@ -21,6 +21,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refilter(args: argparse.Namespace) -> int:
+    from mm1data.refilter import refilter
+
+    index = refilter(args.source, args.filters, args.output, args.set or [], args.address)
+    print_funnel(index, index["config"]["output"])
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     return CONFIG_COMMANDS[args.config_command](args)
 
@@ -133,6 +141,12 @@ def print_funnel(index: dict, output: str) -> None:
                 print(f"  removed    {n:>9,}  {reason}")
     t = index["totals"]
     print(f"{len(index['shards'])} shards, {t['samples']:,} samples, {t['bytes'] / 1e6:,.1f} MB -> {output}")
+    for t in index.get("thresholds", []):
+        side = "min" if "min_percentile" in t else "max"
+        print(
+            f"threshold    {t['filter']} {side}_percentile {t[side + '_percentile']:g} = {t['threshold']} over "
+            f"{t['population']:,} rows ({t['dropped']:,} dropped)"
+        )
     for w in index.get("warnings", []):
         print(f"warning: {w}")
 
@@ -140,6 +154,7 @@ def print_funnel(index: dict, output: str) -> None:
 EPILOG = """quick start:
   mm1data demo                                   build small corpora end to end, check them, train a few steps
   mm1data run caption --input urls.parquet --output out/caption
+  mm1data refilter out/caption --filters caption_datacomp_clip30 --output out/clip30   re-threshold, no download
   mm1data report out/caption                     the funnel, score histograms and samples as one HTML page
   mm1data manifest check manifests/mm1.yaml      verify a mixture and print its realised shares
 
@@ -206,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     r.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's own logs")
+    rf = sub.add_parser(
+        "refilter",
+        help="a new output from an existing one's staging with another filter chain (no download, no scoring)",
+        description="Write NEW_URI's shards, meta and index.json from OUTPUT_URI/_staging with the chain --filters "
+        "and --set dedup.* / shards.* settings: no download or model scoring again. Rows the source dropped before "
+        "its filters stay dropped; the rest are decided again. Rerunning the same command after a crash finishes it.",
+    )
+    rf.add_argument("source", metavar="OUTPUT_URI", help="an mm1data output (local or s3://) holding _staging/")
+    rf.add_argument("--filters", required=True, help="filter chain YAML or a preset name (filters/)")
+    rf.add_argument("--output", required=True, metavar="NEW_URI", help="the new output (not OUTPUT_URI)")
+    rf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dedup.* or shards.* key (YAML)")
+    rf.add_argument("--address", help="Ray address (auto, ray://host:10001); default: a local Ray")
     g = sub.add_parser("config", help="run configs: print one resolved, with every default")
     gsub = g.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     gs = gsub.add_parser("show", help="print the resolved run config (YAML file + --set + defaults) as YAML")
@@ -244,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
+    "refilter": cmd_refilter,
     "config": cmd_config,
     "report": cmd_report,
     "demo": cmd_demo,

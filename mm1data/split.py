@@ -1,6 +1,7 @@
 """The corpus-wide half of a run, on Ray; the driver holds O(units + shards), never O(rows).
 
   candidates  every unit's kept rows: pos (input order) and each dedup step's keys    a Ray task per unit
+  percentile  filters with a percentile threshold, exact, before dedup (percentile.py)  histogram passes
   dedup       each step on the rows the earlier steps kept -> marks (pos, reason, ...)   hash shuffles (dedup.py)
   decide      a unit's staged rows + its marks -> _staging/decided/{unit}.parquet       grouped by unit
   plan        kept counts per unit -> shards (split further where the byte cap binds)  driver: O(units + shards)
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from mm1data import __version__, storage
 from mm1data.config import check, to_dict
 from mm1data.dedup import task_shuffles
+from mm1data.percentile import percentile_steps
 from mm1data.progress import Progress, StageSummary
 from mm1data.schema import IMAGE_EXTS
 from mm1data.shards import ShardInfo, TarShardWriter, build_index, plan_shards, shard_name, write_index
@@ -95,13 +97,17 @@ def finalize(
     warnings: list[str],
     check: Callable[[], None] = lambda: None,
     stages: list[StageSummary] | None = None,
+    payload_from: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Dedup, decide, shard, meta, index.json (last); returns the index. `cfg` is the resolved run config (it goes
-    into index.json); `check` raises if this process no longer holds the output (called before index.json);
-    `stages` gets a summary line per step."""
+    """Percentile thresholds, dedup, decide, shard, meta, index.json (last); returns the index. `cfg` is the resolved
+    run config (it goes into index.json); `check` raises if this process no longer holds the output (called before
+    index.json); `stages` gets a summary line per step. `payload_from`: the output whose staging holds the payload
+    columns (refilter stages rows without them); `provenance` goes into index.json as `refiltered_from`."""
     out = cfg.output
     pos = Positions(units)
-    steps = kind.dedup(cfg)
+    thresholds = percentile_steps(cfg.filters)  # over the rows every per-row stage kept, before dedup
+    steps = [*thresholds, *kind.dedup(cfg)]
     added = {k: v for s in steps for k, v in s.added.items()}  # score-store columns the steps add, with defaults
     t0 = time.perf_counter()
     with task_shuffles():
@@ -114,7 +120,8 @@ def finalize(
     ranges = _plan(out, pos, kind.size_col, cfg.shards, kept_before, np.array([s["kept_bytes"] for s in summaries]))
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
-    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns)
+    payload = (payload_from, kind.payload) if payload_from else None
+    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns, payload)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
@@ -143,6 +150,11 @@ def finalize(
             funnel[k] = v
     funnel["dropped"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     funnel["kept"] = int(kept.sum())
+    if thresholds:
+        funnel["thresholds"] = [t.result for t in thresholds]
+    extra = {"thresholds": funnel["thresholds"]} if thresholds else {}
+    if provenance:
+        extra["refiltered_from"] = provenance
     index = build_index(
         kind.name,
         cfg.corpus,
@@ -153,6 +165,7 @@ def finalize(
         warnings=warnings,
         mm1data_version=__version__,
         run_id=run_id,
+        **extra,
     )
     check()
     write_index(out, index)  # last: the run is complete when this exists
@@ -411,10 +424,12 @@ def write_shard(
     segments: list[tuple[int, int, int]],
     build: SampleBuilder,
     decided_cols: tuple[str, ...] = (),
+    payload: tuple[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Ray task: one shard from kept rows [(unit, first, stop)], in order. A shard committed earlier with the same
     samples is kept as it is; otherwise it is written whole, then its record. `decided_cols` are taken from the
-    decided rows, not from staging (the columns a kind's `decided` hook changes)."""
+    decided rows, not from staging (the columns a kind's `decided` hook changes). `payload` (output, columns): read
+    those columns from that output's staging parts of the same names (a refiltered output stages no payload)."""
     rows = []  # (unit id, part, row in part), in order
     keys: list[str] = []
     decided: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -438,6 +453,10 @@ def write_shard(
     staged: dict[tuple[str, str, int], dict[str, Any]] = {}  # the staged rows, payload included
     for (unit, part), rs in needed.items():
         table = _read_parquet(storage.join(unit_dir(output, unit), part)).take(rs)
+        if payload is not None:  # the same rows in the same order: refilter writes a part per source part
+            src = _read_parquet(storage.join(unit_dir(payload[0], unit), part), list(payload[1])).take(rs)
+            for c in src.column_names:
+                table = table.append_column(c, src[c])
         staged.update(zip(((unit, part, r) for r in rs), table.to_pylist()))
     writer = TarShardWriter(storage.join(output, name))
     tokens = 0
@@ -456,7 +475,13 @@ def write_shard(
 
 
 def _write_shards(
-    output: str, ids: list[str], jobs: list, build: SampleBuilder, workers: int, decided_cols: tuple[str, ...] = ()
+    output: str,
+    ids: list[str],
+    jobs: list,
+    build: SampleBuilder,
+    workers: int,
+    decided_cols: tuple[str, ...] = (),
+    payload: tuple[str, tuple[str, ...]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runs write_shard for every job, at most `workers` at a time (0: one per cluster CPU); -> {name: record}."""
     import ray
@@ -479,7 +504,7 @@ def _write_shards(
         if len(pending) >= workers:
             done, pending = ray.wait(pending, num_returns=1)
             collect(done)
-        pending.append(remote.remote(output, name, ids_ref, segments, build_ref, decided_cols))
+        pending.append(remote.remote(output, name, ids_ref, segments, build_ref, decided_cols, payload))
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         collect(done)

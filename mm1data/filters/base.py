@@ -21,6 +21,14 @@ class FilterConfig:
     min: float = -np.inf
     max: float = np.inf
     params: dict[str, Any] = field(default_factory=dict)  # filter-specific keys (e.g. lang: languages)
+    # corpus-wide thresholds, applied after every per-row stage (mm1data/percentile.py): keep the rows at or above the
+    # min_percentile-th percentile of the score (70: the top 30%) / at or below the max_percentile-th; 0 to 100
+    min_percentile: float | None = None
+    max_percentile: float | None = None
+
+    def per_row(self) -> dict[str, Any]:
+        """What the per-row half depends on (the run's fingerprint): percentiles are decided later, from staging."""
+        return {"name": self.name, "min": self.min, "max": self.max, "params": self.params}
 
 
 class Filter:
@@ -30,6 +38,7 @@ class Filter:
     params: ClassVar[dict[str, Any]] = {}  # accepted extra keys and their defaults
     needs: ClassVar[tuple[str, ...]] = ()  # columns that a scorer must have added first (e.g. clip_score)
     late: ClassVar[bool] = False  # applied after every scorer stage (interleaved doc_images: scorers remove images)
+    scalar: ClassVar[bool] = True  # one score per row (False: a list per position, which no percentile applies to)
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.min, self.max = cfg.min, cfg.max
@@ -97,13 +106,21 @@ def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> 
                 raise ConfigError(f"{where}[{i}] ({name}): {key} must be a number, got {short(bound)}")
         if lo > hi:
             raise ConfigError(f"{where}[{i}] ({name}): min {lo} is above max {hi}: every row would fail")
+        pct = {k: entry.pop(k) for k in ("min_percentile", "max_percentile") if entry.get(k) is not None}
+        for key, q in pct.items():
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 100:
+                raise ConfigError(f"{where}[{i}] ({name}): {key} must be a number from 0 to 100, got {short(q)}")
+            if not cls.scalar:
+                raise ConfigError(f"{where}[{i}] ({name}): {key}: a position-level filter has no score per row")
+        entry.pop("min_percentile", None), entry.pop("max_percentile", None)
         unknown = sorted(set(entry) - set(cls.params), key=str)
         if unknown:
             raise ConfigError(
-                f"{where}[{i}] ({name}): unknown key {short(unknown[0])} (known: min, max, "
-                f"{', '.join(sorted(cls.params)) or '-'})"
+                f"{where}[{i}] ({name}): unknown key {short(unknown[0])} (known: min, max, min_percentile, "
+                f"max_percentile, {', '.join(sorted(cls.params)) or '-'})"
             )
-        out.append(FilterConfig(name, float(lo), float(hi), entry))
+        pct = {k: float(v) for k, v in pct.items()}
+        out.append(FilterConfig(name, float(lo), float(hi), entry, **pct))
     return tuple(out)
 
 

@@ -396,6 +396,8 @@ class Positions:
 class ImageFilter(Filter):
     """Scores each kept image position (images[i] not None, seg_reason[i] == "") of each kept document."""
 
+    scalar = False
+
     def __call__(self, batch: Batch) -> Batch:
         pos = Positions(batch, "images")
         scores = np.asarray(self.score_images(batch, pos), dtype=np.float64).reshape(-1)
@@ -501,6 +503,8 @@ class ParagraphFilter(Filter):
     Every text position of the kept documents is measured once per batch (shared by the chain's paragraph filters);
     a filter reads the measures of the positions still kept.
     """
+
+    scalar = False
 
     def __call__(self, batch: Batch) -> Batch:
         pos = Positions(batch, "texts")

@@ -88,7 +88,12 @@ def show_config(path: str, overrides: list[str] = ()) -> str:
     path = resolve_run_config(path)
     kind, cfg = load_run_config(path, overrides)
     chain = [
-        {"name": c.name, **{k: v for k, v in (("min", c.min), ("max", c.max)) if math.isfinite(v)}, **c.params}
+        {
+            "name": c.name,
+            **{k: v for k, v in (("min", c.min), ("max", c.max)) if math.isfinite(v)},
+            **{k: v for k, v in (("min_percentile", c.min_percentile), ("max_percentile", c.max_percentile)) if v},
+            **c.params,
+        }
         for c in parse_chain(cfg.filters, search_dirs(path))
     ]
     spec = cfg.filters if isinstance(cfg.filters, str) else "an inline list"

@@ -241,7 +241,7 @@ def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | 
     fingerprint = {
         "input": to_dict(cfg.input),
         "units": hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest(),
-        "filters": to_dict(chain),
+        "filters": [c.per_row() for c in chain],  # not the percentiles: a new one redoes only the corpus-wide half
         **kind.fingerprint(cfg),
     }
     lease = OutputLease(cfg.output)
