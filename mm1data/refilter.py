@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from mm1data import storage
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, short, to_dict
 from mm1data.filters import FilterConfig, parse_chain
+from mm1data.pipelines.runner import Capacity
 from mm1data.registry import get_filter
 from mm1data.staging import COMMON_TYPES, mark_staged, pending_units, staging_uri, unit_dir, unit_parts
 
@@ -119,10 +120,10 @@ def refilter(
     prov = index.get("refiltered_from") or {}
     payload_from = prov.get("payload", source)
     cfg = dataclasses.replace(cfg, output=output, filters=tuple(to_dict(chain)))
-    old_stages = {s.fn: s.cfg for s in kind.stages(old_cfg, 1) if s.place == "after"}
+    old_stages = {s.fn: s.cfg for s in kind.stages(old_cfg, Capacity()) if s.place == "after"}
     after = tuple(
         (s.fn, s.cfg, to_dict(s.cfg) != to_dict(old_stages.get(s.fn)))
-        for s in kind.stages(cfg, 1)
+        for s in kind.stages(cfg, Capacity())
         if s.place == "after" and not isinstance(s.fn, type)
     )
     plan = Plan(
@@ -186,7 +187,7 @@ def _units(source: str, cfg: Any) -> list:
 
 
 def _check_chain(kind: Any, cfg: Any, old: tuple[FilterConfig, ...], new: tuple[FilterConfig, ...], src: str) -> None:
-    provided = {c for s in kind.stages(cfg, 1) for c in s.provides}
+    provided = {c for s in kind.stages(cfg, Capacity()) for c in s.provides}
     for c in new:
         missing = sorted(set(get_filter(c.name).needs) - provided)
         if missing:
@@ -211,7 +212,7 @@ def _evaluation_order(kind: Any, cfg: Any, chain: tuple[FilterConfig, ...]) -> t
     scalar = [c for c in chain if get_filter(c.name).scalar]
     late = [c for c in scalar if get_filter(c.name).late]
     order = [c for c in scalar if not get_filter(c.name).needs and c not in late]
-    for s in kind.stages(cfg, 1):
+    for s in kind.stages(cfg, Capacity()):
         if s.place == "score":
             order += [c for c in scalar if set(get_filter(c.name).needs) & set(s.provides) and c not in late]
     return tuple(order + late)
