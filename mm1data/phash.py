@@ -98,8 +98,7 @@ _POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise Hamming distance (popcount of a ^ b) of int64 hash arrays (broadcasting as numpy does)."""
     # unsigned: numpy's bitwise_count of a signed value counts the bits of its absolute value
-    x = np.ascontiguousarray(np.bitwise_xor(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
-    x = x.view(np.uint64)
+    x = np.asarray(np.bitwise_xor(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))).view(np.uint64)
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
         return np.bitwise_count(x).astype(np.int64)
-    return _POP8[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    return _POP8[np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)

@@ -56,6 +56,7 @@ def test_hamming_is_popcount_of_xor():
     b = np.array([0, 0, 0, 6], dtype=np.int64)
     assert hamming(a, b).tolist() == [0, 64, 2, 2]
     assert hamming(a[:, None], a[None, :]).shape == (4, 4)
+    assert int(hamming(a[1], a[0])) == 64 and hamming(a[1], a[0]).shape == ()  # scalars stay scalars
 
 
 def test_empty_batch():
