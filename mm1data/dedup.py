@@ -748,6 +748,7 @@ class ImageReference:
     kind: str  # output | blocklist
     files: tuple[str, ...]  # the parquet files holding its image hashes
     flag: int  # 1 output, 2 blocklist (the reason: REF_REASONS)
+    columns: tuple[str, ...] = ()  # the columns of those files that _reference_items reads
 
 
 def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
@@ -773,7 +774,7 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
                 ok = False
             if not ok:
                 raise ConfigError(f"dedup.reference: {loc} is not a blocklist parquet (mm1data blocklist build)")
-            out.append(ImageReference(loc, "blocklist", (loc,), 2))
+            out.append(ImageReference(loc, "blocklist", (loc,), 2, _reference_columns(loc)))
             continue
         index_uri = storage.join(loc, "index.json")
         if not storage.exists(index_uri):
@@ -781,8 +782,19 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
         kind = json.loads(storage.read_bytes(index_uri)).get("kind", "")
         folder = storage.join(loc, "meta_images" if kind == "interleaved" else "meta")
         files = tuple(sorted(f for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")))
-        out.append(ImageReference(loc, "output", files, 1))
+        out.append(ImageReference(loc, "output", files, 1, _reference_columns(files[0]) if files else ()))
     return tuple(out)
+
+
+def _reference_columns(uri: str) -> tuple[str, ...]:
+    """The columns of a reference's parquet that hold its images' hashes and which images count (a footer read)."""
+    import pyarrow.parquet as pq
+
+    from mm1data import storage
+
+    with storage.open_seekable(uri) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return tuple(c for c in ("phash", "sha256", "image_sha256", "kind", "kept", "drop_reason") if c in names)
 
 
 def _reference_items(t: pa.Table, flag: int) -> dict[str, np.ndarray]:
@@ -832,7 +844,9 @@ def read_references(refs: Sequence[ImageReference]):
     for r in refs:
         if not r.files:
             continue
-        ds = ray.data.read_parquet(list(r.files))
+        if not r.columns:
+            continue
+        ds = ray.data.read_parquet(list(r.files), columns=list(r.columns))
         parts.append(ds.map_batches(_reference_items, batch_format="pyarrow", fn_kwargs={"flag": r.flag}))
     if not parts:
         return None
@@ -897,11 +911,13 @@ def _pairs_within(ph: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int) -> tup
             near = hamming(ph[i], ph[j]) <= k
             ii.append(i[near])
             jj.append(j[near])
-    for a, b in zip(lo[~small], hi[~small]):  # a big bucket: the full matrix (MAX_BUCKET bounds it)
-        d = hamming(ph[a:b, None], ph[None, a:b]) <= k
-        i, j = np.nonzero(np.triu(d, 1))
-        ii.append(i + a)
-        jj.append(j + a)
+    for a, b in zip(lo[~small], hi[~small]):  # a big bucket: its matrix (MAX_BUCKET bounds it) in row blocks
+        for r in range(a, b, _SMALL_BUCKET * 8):  # 512 x 4096 distances (16 MB) at a time
+            d = hamming(ph[r : r + _SMALL_BUCKET * 8, None], ph[None, a:b]) <= k
+            i, j = np.nonzero(d)
+            i, j = i + r, j + a
+            ii.append(i[j > i])
+            jj.append(j[j > i])
     if not ii:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
@@ -1129,6 +1145,7 @@ class NearImageDedup:
             items = items.union(refs)
         elif not self.within:
             return None, _empty_marks(self.added)
+        items = items.materialize()  # counted to size the groups, then shuffled: computed once
         matches = image_matches(items, self.bands, self.max_distance, refs is not None).materialize()
         nodes = matches.map_batches(_node_rows, batch_format="numpy")
         if self.within:
@@ -1252,7 +1269,7 @@ class ReferenceImages:
         refs = read_references(self.references)
         if refs is None:
             return ds, _empty_marks(self.added)
-        items = ds.select_columns(["pos", col]).map_batches(to_items, batch_format="numpy").union(refs)
+        items = ds.select_columns(["pos", col]).map_batches(to_items, batch_format="numpy").union(refs).materialize()
         matches = image_matches(items, self.bands, self.max_distance, True)
         hits = matches.map_batches(lambda b: {k: v[b["ref"] > 0] for k, v in b.items()}, batch_format="numpy")
         hits = hits.materialize()

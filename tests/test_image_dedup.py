@@ -212,3 +212,16 @@ def test_reference_images_remove_positions_and_count_what_is_left(ray_session, t
         1: ("doc_images", [[0, "eval_contamination"]]),
         2: ("doc_images", [[1, "eval_contamination"]]),
     }
+
+
+def test_a_bucket_over_the_small_size_is_compared_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dedup, "_SMALL_BUCKET", 4)  # row blocks of 32: several per bucket
+    rng = np.random.default_rng(5)
+    high = rng.integers(0, 1 << 31, 150, dtype=np.int64) << 32  # one low half: one bucket of band 0
+    ph = (high | 0x1234).tolist() + [flip(int(high[7] | 0x1234), [40]), flip(int(high[9] | 0x1234), [35, 50])]
+    ids = list(range(len(ph)))
+    out = _image_matches(_group(ph, ids, bands=2), k=2, bands=2, cap=4096)
+    arr = np.array(ph, dtype=np.int64)
+    d = hamming(arr[:, None], arr[None, :])
+    want = {(i, j) for i in ids for j in ids if i < j and d[i, j] <= 2}
+    assert {(7, 150), (9, 151)} <= want and _edges(out) == want
