@@ -17,7 +17,7 @@ quality   --bases planted originals (like the speed images); per original its ne
 memory    bytes per image of the band rows the LSH shuffles (per 10M hashes), and a run of dedup.image_matches
           on a local Ray over --lsh-n hashes: the driver's peak RSS and the largest Ray worker's (bench/common)
 
-  .venv/bin/python bench/phash.py [--n 400] [--bases 300] [--lsh-n 1000000]
+  .venv/bin/python bench/phash.py [--n 400] [--bases 300] [--lsh-n 1000000]   (0 skips a part)
 """
 
 from __future__ import annotations
@@ -304,8 +304,9 @@ def main() -> None:
     ap.add_argument("--lsh-n", type=int, default=1_000_000)
     args = ap.parse_args()
     speed(args.n)
-    quality(args.bases)
-    cut_recall()
+    if args.bases:
+        quality(args.bases)
+        cut_recall()
     if args.lsh_n:
         memory(args.lsh_n)
 
