@@ -15,7 +15,8 @@ quality   --bases planted originals (like the speed images); per original its ne
           MAX_BUCKET) against those brute-force pairs; then the LSH recall per planted distance when oversized
           buckets are cut as they would be at 2B images
 memory    bytes per image of the band rows the LSH shuffles (per 10M hashes), and a run of dedup.image_matches
-          on a local Ray over --lsh-n hashes: the driver's peak RSS and the largest Ray worker's (bench/common)
+          on a local Ray over --lsh-n hashes: the driver's peak RSS and the largest Ray worker's (bench/common);
+          run it alone (--n 0 --bases 0) for a driver figure that the other parts' images do not swell
 
   .venv/bin/python bench/phash.py [--n 400] [--bases 300] [--lsh-n 1000000]   (0 skips a part)
 """
@@ -303,7 +304,8 @@ def main() -> None:
     ap.add_argument("--bases", type=int, default=300)
     ap.add_argument("--lsh-n", type=int, default=1_000_000)
     args = ap.parse_args()
-    speed(args.n)
+    if args.n:
+        speed(args.n)
     if args.bases:
         quality(args.bases)
         cut_recall()
