@@ -689,3 +689,599 @@ def _removals(
     lists = np.empty(len(starts), dtype=object)
     lists[:] = [json.dumps(sorted(values[a:b].tolist())) for a, b in zip(starts, ends)]
     return {"pos": pos[starts], "reason": reasons, removed: lists}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Near-duplicate images by pHash (mm1data.phash), and images of reference corpora (dedup.reference). One Ray job:
+#   items     an image per row: id (the row's pos), sub (its position in an interleaved document; -1 for a caption
+#             row), phash, sha256 halves, score (the keep rule's), n (a document's kept images), ref (0: this
+#             run, 1: an mm1data output, 2: a blocklist)
+#   bands     each item once per band of the 64 bits (multi-index hashing: `bands` slices of contiguous bits, so
+#             two hashes within bands - 1 bits agree exactly on at least one slice), plus, when there are
+#             references, once under its sha256 (a reference's same bytes); a hash shuffle by (band, value)
+#   buckets   each bucket: every pair within max_distance (exact Hamming, numpy) -> an edge between two run images
+#             or a hit of a run image on a reference image. A bucket larger than MAX_BUCKET is cut by the bits of
+#             the next band too (and so on): its pairs are then found only if they also agree on those bits
+#             (the recall this costs is measured in bench/phash.py); identical hashes are linked without pairs
+#   clusters  connected_components over the edges; each cluster keeps its best image (highest score, then input
+#             order) that no reference hit; the rest get dup_near_image
+# Hand-written because no maintained library does Hamming LSH on Ray Data at this scale.
+
+SHA_BAND = 255  # the band number of the sha256 rows (reference matching by the image's bytes)
+MAX_BUCKET = 4096  # images compared pairwise in one bucket (~8M pairs, ~0.2 s); larger buckets are cut further
+_SMALL_BUCKET = 64  # buckets up to this size are compared in one vectorised pass per offset, not one call each
+IMAGE_BAND_ROWS_PER_GROUP = 2_000_000  # band rows (~60 B each) a bucket group holds on one worker
+REF_REASONS = {1: "duplicate_of_reference", 2: "eval_contamination"}
+BLOCKLIST_META_KEY = b"mm1data"  # a blocklist parquet's file metadata: {"blocklist": 1}
+
+_ITEM_TYPES = {
+    "id": np.int64,
+    "sub": np.int32,
+    "phash": np.int64,
+    "shahi": np.uint64,
+    "shalo": np.uint64,
+    "score": np.float64,
+    "n": np.int32,
+    "ref": np.int8,
+}
+
+
+def _empty(types: dict) -> dict[str, np.ndarray]:
+    return {k: np.zeros(0, dtype=t) for k, t in types.items()}
+
+
+def sha_halves(shas: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The first two 64-bit words of each hex sha256 (128 bits: no chance collision); (0, 0) where there is none."""
+    hi = np.zeros(len(shas), dtype=np.uint64)
+    lo = np.zeros(len(shas), dtype=np.uint64)
+    for i, s in enumerate(shas):
+        if s and len(s) >= 32:
+            hi[i], lo[i] = int(s[:16], 16) or 1, int(s[16:32], 16)
+    return hi, lo
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """A dedup.reference location, checked: an mm1data output (its score store's image rows) or a blocklist."""
+
+    uri: str
+    kind: str  # output | blocklist
+    files: tuple[str, ...]  # the parquet files holding its image hashes
+    flag: int  # 1 output, 2 blocklist (the reason: REF_REASONS)
+    columns: tuple[str, ...] = ()  # the columns of those files that _reference_items reads
+
+
+def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
+    """Each location -> an ImageReference, or a ConfigError naming it: missing, or neither an output (index.json)
+    nor a blocklist (.parquet with the mm1data blocklist metadata). Cheap: listings and a parquet footer."""
+    import pyarrow.parquet as pq
+
+    from mm1data import storage
+    from mm1data.config import ConfigError
+
+    out = []
+    for loc in locations:
+        if not isinstance(loc, str) or not loc:
+            raise ConfigError(f"dedup.reference: {loc!r} is not a location")
+        if loc.endswith(".parquet"):
+            if not storage.exists(loc):
+                raise ConfigError(f"dedup.reference: {loc} does not exist")
+            try:
+                with storage.open_seekable(loc) as f:
+                    meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+                ok = json.loads(meta.get(BLOCKLIST_META_KEY, b"{}")).get("blocklist") == 1
+            except Exception:
+                ok = False
+            if not ok:
+                raise ConfigError(f"dedup.reference: {loc} is not a blocklist parquet (mm1data blocklist build)")
+            out.append(ImageReference(loc, "blocklist", (loc,), 2, _reference_columns(loc)))
+            continue
+        index_uri = storage.join(loc, "index.json")
+        if not storage.exists(index_uri):
+            raise ConfigError(f"dedup.reference: {loc} is not an mm1data output (no index.json)")
+        kind = json.loads(storage.read_bytes(index_uri)).get("kind", "")
+        folder = storage.join(loc, "meta_images" if kind == "interleaved" else "meta")
+        files = tuple(sorted(f for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")))
+        out.append(ImageReference(loc, "output", files, 1, _reference_columns(files[0]) if files else ()))
+    return tuple(out)
+
+
+def _reference_columns(uri: str) -> tuple[str, ...]:
+    """The columns of a reference's parquet that hold its images' hashes and which images count (a footer read)."""
+    import pyarrow.parquet as pq
+
+    from mm1data import storage
+
+    with storage.open_seekable(uri) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return tuple(c for c in ("phash", "sha256", "image_sha256", "kind", "kept", "drop_reason") if c in names)
+
+
+def _reference_items(t: pa.Table, flag: int) -> dict[str, np.ndarray]:
+    """A batch of a reference's rows (meta/, meta_images/ or a blocklist) -> item rows: its kept images' hashes."""
+    import pyarrow.compute as pc
+
+    names = t.column_names
+    keep = pc.is_valid(t["phash"]) if "phash" in names else pa.array(np.zeros(t.num_rows, bool))
+    if "kind" in names:  # a blocklist: its image rows
+        keep = pc.and_(keep, pc.equal(t["kind"], "image"))
+    sha_col = "sha256" if "sha256" in names else "image_sha256"
+    if "kept" in names:  # meta_images/: the images the output kept
+        keep = pc.and_(keep, pc.fill_null(t["kept"], False))
+    elif "drop_reason" in names:
+        keep = pc.and_(keep, pc.equal(t["drop_reason"], ""))
+    keep = pc.fill_null(keep, False)
+    # an image without a pHash (undecodable) still matches by sha256
+    has_sha = pc.is_valid(t[sha_col]) if sha_col in names else pa.array(np.zeros(t.num_rows, bool))
+    if "kind" in names:
+        has_sha = pc.and_(has_sha, pc.equal(t["kind"], "image"))
+    rows = pc.or_(keep, pc.fill_null(has_sha, False))
+    t = t.filter(rows)
+    n = t.num_rows
+    with_ph = n and "phash" in names
+    ph_valid = pc.is_valid(t["phash"]).to_numpy(zero_copy_only=False) if with_ph else np.zeros(n, bool)
+    ph = pc.fill_null(t["phash"], 0).to_numpy() if with_ph else np.zeros(n, np.int64)
+    hi, lo = sha_halves(t[sha_col].to_pylist() if n and sha_col in names else [None] * n)
+    out = {
+        "id": np.full(n, -1, dtype=np.int64),
+        "sub": np.full(n, -1, dtype=np.int32),
+        "phash": ph.astype(np.int64),
+        "shahi": hi,
+        "shalo": lo,
+        "score": np.zeros(n, dtype=np.float64),
+        "n": np.zeros(n, dtype=np.int32),
+        "ref": np.full(n, flag, dtype=np.int8),
+        "has_phash": ph_valid.astype(bool),
+    }
+    return out
+
+
+def read_references(refs: Sequence[ImageReference]):
+    """Dataset of the references' image item rows (ref = 1 or 2), read by Ray tasks; None when there are none."""
+    import ray
+
+    parts = []
+    for r in refs:
+        if not r.files:
+            continue
+        if not r.columns:
+            continue
+        ds = ray.data.read_parquet(list(r.files), columns=list(r.columns))
+        parts.append(ds.map_batches(_reference_items, batch_format="pyarrow", fn_kwargs={"flag": r.flag}))
+    if not parts:
+        return None
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _band_masks(bands: int) -> list[int]:
+    """`bands` slices of contiguous bits covering the 64 (the first ones a bit wider when 64 % bands != 0)."""
+    widths = [64 // bands + (i < 64 % bands) for i in range(bands)]
+    out, lo = [], 0
+    for w in widths:
+        out.append(((1 << w) - 1) << lo)
+        lo += w
+    return out
+
+
+class _ImageBandRows:
+    """Item rows -> one row per band (the bits of the band, as the bucket key) and a sha256 row for images of this
+    run and of references when references are present (they match by bytes too)."""
+
+    def __init__(self, bands: int, parts: int, with_sha: bool) -> None:
+        self.masks = np.array(_band_masks(bands), dtype=np.uint64)
+        self.parts, self.with_sha = parts, with_sha
+
+    def __call__(self, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        has = np.asarray(b["has_phash"], dtype=bool)
+        ph = np.asarray(b["phash"], dtype=np.int64).view(np.uint64)
+        nb = len(self.masks)
+        rows = np.repeat(np.flatnonzero(has), nb)
+        band = np.tile(np.arange(nb, dtype=np.int32), int(has.sum()))
+        key = ph[rows] & self.masks[band]
+        if self.with_sha:
+            s = np.flatnonzero(np.asarray(b["shahi"], dtype=np.uint64) != 0)
+            rows = np.r_[rows, s]
+            band = np.r_[band, np.full(len(s), SHA_BAND, dtype=np.int32)]
+            key = np.r_[key, np.asarray(b["shahi"], dtype=np.uint64)[s]]
+        part = (_mix64(key ^ (band.astype(np.uint64) * np.uint64(_GOLDEN))) % np.uint64(self.parts)).astype(np.int64)
+        out = {"part": part, "band": band, "key": key}
+        for c, t in _ITEM_TYPES.items():
+            out[c] = np.asarray(b[c], dtype=t)[rows]
+        return out
+
+
+_MATCH_TYPES = {"a": np.int64, "b": np.int64, "sa": np.float64, "sb": np.float64, "sub": np.int32, "n": np.int32}
+_MATCH_TYPES["ref"] = np.int8  # 0: an edge (a, b) between two run images; 1 or 2: a hit of run image a (at sub)
+
+
+def _pairs_within(ph: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i < j, inside the same bucket [lo, hi) of the sorted rows, with Hamming <= k."""
+    from mm1data.phash import hamming
+
+    ii, jj = [], []
+    sizes = hi - lo
+    small = sizes <= _SMALL_BUCKET
+    if small.any():  # one pass per offset over every small bucket's rows at once
+        sz = sizes[small]
+        idx = np.arange(int(sz.sum())) - np.repeat(np.cumsum(sz) - sz, sz) + np.repeat(lo[small], sz)
+        end = np.repeat(hi[small], sz)
+        for off in range(1, int(sz.max())):
+            sel = idx + off < end
+            i, j = idx[sel], idx[sel] + off
+            near = hamming(ph[i], ph[j]) <= k
+            ii.append(i[near])
+            jj.append(j[near])
+    for a, b in zip(lo[~small], hi[~small]):  # a big bucket: its matrix (MAX_BUCKET bounds it) in row blocks
+        for r in range(a, b, _SMALL_BUCKET * 8):  # 512 x 4096 distances (16 MB) at a time
+            d = hamming(ph[r : r + _SMALL_BUCKET * 8, None], ph[None, a:b]) <= k
+            i, j = np.nonzero(d)
+            i, j = i + r, j + a
+            ii.append(i[j > i])
+            jj.append(j[j > i])
+    if not ii:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
+
+
+def _runs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of each run of equal values in a sorted key."""
+    if not len(key):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return new, np.r_[new[1:], len(key)]
+
+
+def _image_matches(group: dict[str, np.ndarray], k: int, bands: int, cap: int) -> dict[str, np.ndarray]:
+    """One group of band rows -> matches: edges between run images within k, hits of run images on references."""
+    if not len(group.get("id", ())):
+        return _empty(_MATCH_TYPES)
+    band, key, ph = group["band"], group["key"].astype(np.uint64), group["phash"].astype(np.int64)
+    masks = _band_masks(bands)
+    pi, pj = [], []  # pairs of row indices (into the group) that match
+    sha = band == SHA_BAND
+    if sha.any():  # the same image bytes: same first and second words (no Hamming)
+        rows = np.flatnonzero(sha)
+        order = rows[np.lexsort((group["shalo"][rows], key[rows]))]
+        k2 = group["shalo"][order]
+        lo, hi = _runs(np.stack([key[order], k2], axis=1).view([("a", np.uint64), ("b", np.uint64)]).ravel())
+        big = hi - lo > 1
+        for a, b in zip(lo[big], hi[big]):  # a run image and a reference image with these bytes
+            refs = group["ref"][order[a:b]] > 0
+            if refs.any() and (~refs).any():
+                best = order[a:b][refs][np.argmax(group["ref"][order[a:b]][refs])]
+                runs = order[a:b][~refs]
+                pi.append(runs)
+                pj.append(np.full(len(runs), best))
+    rows = np.flatnonzero(~sha)
+    level = np.zeros(len(rows), dtype=np.int64)  # extra bands a row's bucket key holds (oversized buckets grow)
+    while len(rows):
+        b0 = band[rows].astype(np.int64)
+        ext = np.zeros(len(rows), dtype=np.uint64)
+        for lv in np.unique(level):  # the key: the bits of bands b0 .. b0 + level (cyclic)
+            m = level == lv
+            mask = np.zeros(m.sum(), dtype=np.uint64)
+            for j in range(int(lv) + 1):
+                mask |= np.array(masks, dtype=np.uint64)[(b0[m] + j) % bands]
+            ext[m] = ph[rows[m]].view(np.uint64) & mask
+        order = np.lexsort((group["id"][rows], ext, level, b0))
+        rows, b0, ext, level = rows[order], b0[order], ext[order], level[order]
+        keyed = np.stack([b0.astype(np.uint64), level.astype(np.uint64), ext], axis=1)
+        lo, hi = _runs(keyed.view([("b", np.uint64), ("l", np.uint64), ("e", np.uint64)]).ravel())
+        sizes = hi - lo
+        over = sizes > cap
+        full = level[lo] >= bands - 1  # the key is all 64 bits: every member has the same hash
+        link = over & full
+        for a, b in zip(lo[link], hi[link]):  # identical hashes: no pairs; each links to one anchor
+            members = rows[a:b]
+            flags = group["ref"][members]
+            runs = members[flags == 0]
+            if len(runs) > 1:  # run images: a chain to the first
+                pi.append(runs[1:])
+                pj.append(np.full(len(runs) - 1, runs[0]))
+            if len(runs) and (flags > 0).any():  # a reference among them: every run image hits it
+                pi.append(runs)
+                pj.append(np.full(len(runs), members[np.argmax(flags)]))
+        fine = sizes <= cap
+        fine &= sizes > 1
+        i, j = _pairs_within(ph[rows], lo[fine], hi[fine], k)
+        pi.append(rows[i])
+        pj.append(rows[j])
+        grow = over & ~full
+        if not grow.any():
+            break
+        sel = np.concatenate([np.arange(a, b) for a, b in zip(lo[grow], hi[grow])])
+        rows, level = rows[sel], level[sel] + 1
+    i = np.concatenate(pi).astype(np.int64) if pi else np.zeros(0, np.int64)
+    j = np.concatenate(pj).astype(np.int64) if pj else np.zeros(0, np.int64)
+    ref = group["ref"].astype(np.int8)
+    ids, subs, score, n = group["id"], group["sub"], group["score"], group["n"]
+    both = (ref[i] == 0) & (ref[j] == 0)
+    # edges between two run images (caption: ids are rows; interleaved images share a row id, so no edges there)
+    ea, eb = ids[i[both]], ids[j[both]]
+    keep = ea != eb
+    ea, eb, sa, sb = ea[keep], eb[keep], score[i[both]][keep], score[j[both]][keep]
+    # a hit: the run side of a run/reference pair
+    mixed = (ref[i] == 0) != (ref[j] == 0)
+    run = np.where(ref[i[mixed]] == 0, i[mixed], j[mixed])
+    other = np.where(ref[i[mixed]] == 0, j[mixed], i[mixed])
+    return {
+        "a": np.r_[ea, ids[run]].astype(np.int64),
+        "b": np.r_[eb, np.full(len(run), -1)].astype(np.int64),
+        "sa": np.r_[sa, score[run]].astype(np.float64),
+        "sb": np.r_[sb, np.zeros(len(run))].astype(np.float64),
+        "sub": np.r_[np.full(len(ea), -1), subs[run]].astype(np.int32),
+        "n": np.r_[np.zeros(len(ea)), n[run]].astype(np.int32),
+        "ref": np.r_[np.zeros(len(ea)), ref[other]].astype(np.int8),
+    }
+
+
+def image_matches(items, bands: int, max_distance: int, with_sha: bool, cap: int = MAX_BUCKET):
+    """Dataset of item rows (_ITEM_TYPES + has_phash; run images ref 0, references 1 or 2) -> Dataset of matches
+    (_MATCH_TYPES): an edge per pair of run images within max_distance found in a bucket, and a hit per run image
+    within max_distance of (or with the bytes of) a reference image. The same pair may appear more than once."""
+    n = items.count()
+    parts = max(1, math.ceil(n * (bands + with_sha) / IMAGE_BAND_ROWS_PER_GROUP))
+    rows = items.map_batches(_ImageBandRows(bands, parts, with_sha), batch_format="numpy", batch_size=16384)
+    fn = functools.partial(_image_matches, k=max_distance, bands=bands, cap=cap)
+    return _by_group(rows, parts, fn)
+
+
+_NODE_TYPES = {"id": np.int64, "root": np.int64, "score": np.float64, "ref": np.int8}
+
+
+def _node_rows(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Matches -> a row per image on an edge (its score) or hit (its reference flag)."""
+    edge = b["ref"] == 0
+    ids = np.r_[b["a"][edge], b["b"][edge], b["a"][~edge]].astype(np.int64)
+    return {
+        "id": ids,
+        "root": np.full(len(ids), -1, dtype=np.int64),
+        "score": np.r_[b["sa"][edge], b["sb"][edge], np.full(int((~edge).sum()), np.nan)].astype(np.float64),
+        "ref": np.r_[np.zeros(2 * int(edge.sum())), b["ref"][~edge]].astype(np.int8),
+    }
+
+
+def _per_node(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All the rows of some images (by id) -> one row each: its cluster root (-1: none), score, reference flag."""
+    if not len(group.get("id", ())):
+        return _empty(_NODE_TYPES)
+    order = np.argsort(group["id"], kind="stable")
+    ids = group["id"][order]
+    lo, hi = _runs(ids)
+    score = np.where(np.isnan(group["score"][order]), -np.inf, group["score"][order])
+    return {
+        "id": ids[lo],
+        "root": np.maximum.reduceat(group["root"][order], lo),
+        "score": np.maximum.reduceat(score, lo),
+        "ref": np.maximum.reduceat(group["ref"][order].astype(np.int8), lo),
+    }
+
+
+def _cluster_marks(group: dict[str, np.ndarray], keys: Callable, reason: str, cluster_col: str) -> dict:
+    """Images by cluster root -> marks: a reference hit gets its reason; each cluster keeps its best image that no
+    reference hit (highest score, then the smallest id: input order) and marks the others `reason`; every member
+    records the kept image's key (none: "")."""
+    ids = np.asarray(group.get("id", np.zeros(0)), dtype=np.int64)
+    if not len(ids):
+        return {"pos": ids, "reason": np.zeros(0, dtype=object), cluster_col: np.zeros(0, dtype=object)}
+    root, score, ref = group["root"], group["score"].astype(np.float64), group["ref"]
+    order = np.lexsort((ids, -score, ref > 0, root))  # per root: eligible first, best score, then input order
+    ids, root, ref = ids[order], root[order], ref[order]
+    lo, hi = _runs(root)
+    first = np.repeat(lo, hi - lo)
+    keeper = np.where((ref[first] == 0) & (root[first] >= 0), ids[first], -1)
+    reasons = np.where(ids == keeper, "", reason).astype(object)
+    reasons[root < 0] = ""  # not in a cluster: only a reference hit
+    for flag, why in REF_REASONS.items():
+        reasons[ref == flag] = why
+    cluster = np.full(len(ids), "", dtype=object)
+    has = keeper >= 0
+    if has.any():
+        cluster[has] = keys(keeper[has])
+    return {"pos": ids, "reason": reasons, cluster_col: cluster}
+
+
+@dataclass(frozen=True)
+class NearImageDedup:
+    """pHash near-duplicate images of the caption kind (a row = an image), over the whole run, and images of the
+    references (dedup.reference): a row within max_distance bits of a reference image, or with its sha256, gets
+    duplicate_of_reference (an mm1data output) or eval_contamination (a blocklist); with `within`, rows within
+    max_distance of each other form clusters (connected components): each keeps its row with the highest
+    `score_col` (then the first in input order) and the others get dup_near_image; every member records the kept
+    row's key in dup_image_cluster. It must be a kind's last dedup step."""
+
+    column: str = "phash"
+    sha_column: str = "sha256"
+    score_column: str = "clip_score"
+    max_distance: int = 8
+    bands: int = 9
+    within: bool = True
+    references: tuple[ImageReference, ...] = ()
+    reason: str = "dup_near_image"
+    added: ClassVar[dict[str, str]] = {"dup_image_cluster": ""}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, self.sha_column, self.score_column)
+
+    def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
+        import pyarrow.compute as pc
+
+        n = t.num_rows
+        if self.column in t.column_names and n:
+            has = pc.is_valid(t[self.column]).to_numpy(zero_copy_only=False)
+            ph = pc.fill_null(t[self.column], 0).to_numpy().astype(np.int64)
+        else:
+            has, ph = np.zeros(n, bool), np.zeros(n, np.int64)
+        shas = t[self.sha_column].to_pylist() if self.sha_column in t.column_names and n else [None] * n
+        hi, lo = sha_halves(shas)
+        score = np.full(n, np.nan)
+        if self.score_column in t.column_names and n:
+            score = pc.fill_null(t[self.score_column], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+        return {f"{prefix}phash": ph, f"{prefix}has": has, f"{prefix}hi": hi, f"{prefix}lo": lo, f"{prefix}s": score}
+
+    def items(self, ds, prefix: str):
+        def to_items(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            m = len(b["pos"])
+            return {
+                "id": np.asarray(b["pos"], dtype=np.int64),
+                "sub": np.full(m, -1, dtype=np.int32),
+                "phash": np.asarray(b[f"{prefix}phash"], dtype=np.int64),
+                "shahi": np.asarray(b[f"{prefix}hi"], dtype=np.uint64),
+                "shalo": np.asarray(b[f"{prefix}lo"], dtype=np.uint64),
+                "score": np.asarray(b[f"{prefix}s"], dtype=np.float64),
+                "n": np.zeros(m, dtype=np.int32),
+                "ref": np.zeros(m, dtype=np.int8),
+                "has_phash": np.asarray(b[f"{prefix}has"], dtype=bool),
+            }
+
+        cols = ["pos", *(f"{prefix}{c}" for c in ("phash", "has", "hi", "lo", "s"))]
+        return ds.select_columns(cols).map_batches(to_items, batch_format="numpy")
+
+    def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
+        items = self.items(ds, prefix)
+        refs = read_references(self.references)
+        if refs is not None:
+            items = items.union(refs)
+        elif not self.within:
+            return None, _empty_marks(self.added)
+        items = items.materialize()  # counted to size the groups, then shuffled: computed once
+        matches = image_matches(items, self.bands, self.max_distance, refs is not None).materialize()
+        nodes = matches.map_batches(_node_rows, batch_format="numpy")
+        if self.within:
+            edges = matches.map_batches(
+                lambda b: {"src": b["a"][b["ref"] == 0], "dst": b["b"][b["ref"] == 0]}, batch_format="numpy"
+            )
+            roots = connected_components(edges).map_batches(
+                lambda b: {
+                    "id": np.asarray(b.get("id", np.zeros(0)), dtype=np.int64),
+                    "root": np.asarray(b.get("root", np.zeros(0)), dtype=np.int64),
+                    "score": np.full(len(b.get("id", ())), np.nan),
+                    "ref": np.zeros(len(b.get("id", ())), dtype=np.int8),
+                },
+                batch_format="numpy",
+            )
+            nodes = nodes.union(roots)
+        m = nodes.materialize()
+        parts = max(1, math.ceil(m.count() / ROWS_PER_GROUP))
+        per_node = _by_group(m, parts, _per_node, lambda b: _part(b["id"], parts)).materialize()
+        fn = functools.partial(_cluster_marks, keys=keys, reason=self.reason, cluster_col="dup_image_cluster")
+        # by cluster; an image in none (only a reference hit, root -1) goes by its own id
+        return None, _by_group(
+            per_node, parts, fn, lambda b: _part(np.where(b["root"] >= 0, b["root"], b["id"]), parts)
+        )
+
+
+def _reference_hits(group: dict[str, np.ndarray], removed: str, min_left: int, reason: str) -> dict:
+    """Hits on images of documents (by pos) -> one mark per document: the positions to remove with their reasons
+    (a JSON list of [position, reason], in `removed`), and `reason` when fewer than min_left images are left."""
+    pos = np.asarray(group.get("a", np.zeros(0)), dtype=np.int64)
+    if not len(pos):
+        return {"pos": pos, "reason": np.zeros(0, dtype=object), removed: np.zeros(0, dtype=object)}
+    order = np.lexsort((group["sub"], pos))
+    pos, sub, ref, n = pos[order], group["sub"][order], group["ref"][order], group["n"][order]
+    lo, hi = _runs(pos)
+    lists, reasons = [], []
+    for a, b in zip(lo, hi):
+        gone: dict[int, int] = {}
+        for s, r in zip(sub[a:b].tolist(), ref[a:b].tolist()):
+            gone[s] = max(gone.get(s, 0), r)  # a blocklist hit (eval_contamination) wins over an output's
+        lists.append(json.dumps([[s, REF_REASONS[r]] for s, r in sorted(gone.items())]))
+        reasons.append(reason if int(n[a]) - len(gone) < min_left else "")
+    return {"pos": pos[lo], "reason": np.array(reasons, dtype=object), removed: np.array(lists, dtype=object)}
+
+
+@dataclass(frozen=True)
+class ReferenceImages:
+    """Images of interleaved documents within max_distance of a reference image (dedup.reference), or with its
+    sha256, are removed from their documents: `removed` lists [position, reason] (duplicate_of_reference or
+    eval_contamination) for the kind's `decided` hook, and a document left with fewer than `min_left` of its kept
+    images gets drop_reason `reason` (doc_images). The rows go on to the next step unchanged."""
+
+    references: tuple[ImageReference, ...]
+    max_distance: int = 8
+    bands: int = 9
+    column: str = "image_phash"
+    min_left: int = 0
+    reason: str = "doc_images"
+    removed: str = "removed_ref"
+
+    @property
+    def added(self) -> dict[str, str]:
+        return {self.removed: ""}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, "image_sha256", "seg_reason", "images")
+
+    def candidates(self, t: pa.Table, prefix: str) -> dict[str, np.ndarray]:
+        n = t.num_rows
+        names = t.column_names
+        hashes = t[self.column].to_pylist() if self.column in names and n else [None] * n
+        shas = t["image_sha256"].to_pylist() if "image_sha256" in names and n else [None] * n
+        segs = t["seg_reason"].to_pylist() if "seg_reason" in names and n else [None] * n
+        urls = t["images"].to_pylist() if "images" in names and n else [None] * n
+        out = np.empty(n, dtype=object)
+        values = []
+        for h, s, seg, u in zip(hashes, shas, segs, urls):
+            h, s, seg, u = h or [], s or [], seg or [], u or []
+            # the document's kept images: [position, pHash or null, sha256]
+            values.append(
+                json.dumps(
+                    [
+                        [i, h[i] if i < len(h) else None, s[i] if i < len(s) else ""]
+                        for i in range(len(u))
+                        if u[i] is not None and not (seg[i] if i < len(seg) else "")
+                    ]
+                )
+            )
+        out[:] = values
+        return {f"{prefix}images": out}
+
+    def apply(self, ds: ray.data.Dataset, prefix: str, n: int, keys: Callable) -> tuple:
+        col = f"{prefix}images"
+
+        def to_items(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            ids, subs, phs, has, shas, counts = [], [], [], [], [], []
+            for p, v in zip(b["pos"].tolist(), b[col]):
+                imgs = json.loads(v) if v else []
+                for i, h, s in imgs:
+                    ids.append(p)
+                    subs.append(i)
+                    phs.append(h or 0)
+                    has.append(h is not None)
+                    shas.append(s)
+                    counts.append(len(imgs))
+            hi, lo = sha_halves(shas)
+            m = len(ids)
+            return {
+                "id": np.array(ids, dtype=np.int64),
+                "sub": np.array(subs, dtype=np.int32),
+                "phash": np.array(phs, dtype=np.int64),
+                "shahi": hi,
+                "shalo": lo,
+                "score": np.zeros(m),
+                "n": np.array(counts, dtype=np.int32),
+                "ref": np.zeros(m, dtype=np.int8),
+                "has_phash": np.array(has, dtype=bool),
+            }
+
+        refs = read_references(self.references)
+        if refs is None:
+            return ds, _empty_marks(self.added)
+        items = ds.select_columns(["pos", col]).map_batches(to_items, batch_format="numpy").union(refs).materialize()
+        matches = image_matches(items, self.bands, self.max_distance, True)
+        hits = matches.map_batches(lambda b: {k: v[b["ref"] > 0] for k, v in b.items()}, batch_format="numpy")
+        hits = hits.materialize()
+        parts = max(1, math.ceil(hits.count() / ROWS_PER_GROUP))
+        fn = functools.partial(_reference_hits, removed=self.removed, min_left=self.min_left, reason=self.reason)
+        return ds, _by_group(hits, parts, fn, lambda b: _part(b["a"], parts))
+
+
+def _empty_marks(added: dict[str, str]):
+    import pyarrow as pa
+    import ray
+
+    cols = {"pos": pa.array([], pa.int64()), "reason": pa.array([], pa.string())}
+    cols.update((c, pa.array([], pa.string())) for c in added)
+    return ray.data.from_arrow(pa.table(cols))

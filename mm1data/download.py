@@ -26,6 +26,7 @@ from PIL import Image
 
 from mm1data import __version__
 from mm1data.config import check
+from mm1data.phash import phash, to_hex
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -356,6 +357,7 @@ class Decoded:
     orig_width: int
     orig_height: int
     orig_format: str = ""  # the fetched image's format, lowercased PIL name: jpeg, png, webp, gif, ...
+    phash: int = 0  # pHash (mm1data.phash, as imagehash.phash) of the stored pixels: after the resize, before encoding
 
 
 def target_size(w: int, h: int, cfg: DownloadConfig) -> tuple[int, int]:
@@ -389,7 +391,8 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
             im.draft("RGB", (tw, th))  # DCT-domain downscale by 1/2, 1/4 or 1/8: the main speed-up
         im.load()  # a full decode even when unchanged: truncated or corrupt data fails here, not in training
         if not resize and fmt in PIL_FORMATS and im.mode in ("RGB", "L"):
-            return Decoded(body, PIL_FORMATS[fmt], w, h, w, h, fmt.lower())  # unchanged: keep the original bytes
+            # unchanged: keep the original bytes
+            return Decoded(body, PIL_FORMATS[fmt], w, h, w, h, fmt.lower(), phash(im))
         im = _to_rgb(im)
         if resize:  # as img2dataset: crop and border apply only when the image is resized
             up = tw > im.size[0]
@@ -403,6 +406,8 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
                 canvas = Image.new("RGB", (cfg.image_size, cfg.image_size), (255, 255, 255))
                 canvas.paste(im, ((cfg.image_size - im.size[0]) // 2, (cfg.image_size - im.size[1]) // 2))
                 im = canvas
+        # hashed here, where the pixels are decoded (no second decode): the stored image, before its lossy encoding
+        ph = phash(im)
         out = io.BytesIO()
         ext = cfg.encode_format
         if ext == "jpg":
@@ -415,7 +420,7 @@ def decode_image(body: bytes, cfg: DownloadConfig) -> Decoded:
         raise FetchError("decompression_bomb") from e
     except Exception as e:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError, ...
         raise FetchError("decode_error") from e
-    return Decoded(out.getvalue(), ext, im.size[0], im.size[1], w, h, (fmt or "").lower())
+    return Decoded(out.getvalue(), ext, im.size[0], im.size[1], w, h, (fmt or "").lower(), ph)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -446,6 +451,7 @@ OUT_COLUMNS = (
     "download_time_s",
     "download_attempts",
     "orig_format",
+    "phash",
 )
 
 
@@ -453,7 +459,9 @@ class ImageDownloader:
     """Fetches batch["url"] for rows not yet dropped.
 
     Adds: image (bytes, b"" on failure), image_ext, width, height (after resize), orig_width, orig_height,
-    sha256 (of the fetched bytes), download_status (HTTP code, 0 if none), download_error ("" or a reason),
+    sha256 (of the fetched bytes), phash (16 hex digits of the stored image's pHash, "" on failure: hex because Ray
+    Data turns a nullable integer column into float64, which cannot hold 64 bits; staging stores it as a nullable
+    int64), download_status (HTTP code, 0 if none), download_error ("" or a reason),
     download_bytes, download_time_s, download_attempts, and img2dataset's names (img2dataset_columns). Failed rows
     get drop_reason = download_error.
     """
@@ -485,18 +493,34 @@ class ImageDownloader:
                 time.monotonic() - t0,
                 attempts,
                 img.orig_format,
+                to_hex(img.phash),
             )
         except FetchError as e:
             status = e.status or status
             attempts = getattr(e, "attempts", attempts or 1)
-            return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts, "")
+            return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts, "", "")
         except Exception:  # a per-URL surprise must not fail the batch: record it as data and go on
             log.warning("unexpected error fetching %r", url, exc_info=True)
-            return (b"", "", 0, 0, 0, 0, "", status, "fetch_error", nbytes, time.monotonic() - t0, attempts or 1, "")
+            return (
+                b"",
+                "",
+                0,
+                0,
+                0,
+                0,
+                "",
+                status,
+                "fetch_error",
+                nbytes,
+                time.monotonic() - t0,
+                attempts or 1,
+                "",
+                "",
+            )
 
     def __call__(self, batch: Batch) -> Batch:
         todo = batch["drop_reason"] == ""
-        skipped = (b"", "", 0, 0, 0, 0, "", 0, "", 0, 0.0, 0, "")
+        skipped = (b"", "", 0, 0, 0, 0, "", 0, "", 0, 0.0, 0, "", "")
         futures = [self.pool.submit(self._one, str(u)) if t else None for u, t in zip(batch["url"], todo)]
         rows = [f.result() if f is not None else skipped for f in futures]
         cols = list(zip(*rows)) if rows else [()] * len(OUT_COLUMNS)
@@ -513,6 +537,7 @@ class ImageDownloader:
             np.int64,
             np.float32,
             np.int32,
+            object,
             object,
         )
         for name, values, dt in zip(OUT_COLUMNS, cols, dtypes):

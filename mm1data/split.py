@@ -183,7 +183,7 @@ def _candidates(batch: dict[str, np.ndarray], output: str, pos: Positions, steps
     """Ray task: units -> their kept rows' pos and each step's key columns (prefix _s{i}_)."""
     parts: list[dict[str, np.ndarray]] = []
     for u in batch["u"].tolist():
-        cols = ["src_row", "drop_reason", *(s.column for s in steps)]
+        cols = ["src_row", "drop_reason", *(c for s in steps for c in getattr(s, "columns", (s.column,)))]
         t = read_unit_staged(output, pos.ids[u], columns=cols)
         if t is None:
             continue
@@ -327,8 +327,9 @@ def _decide_unit(
             new = marks["reason"].astype(object)
             set_reason = (new != "") & (reason[at] == "")
             reason[at[set_reason]] = new[set_reason]
-            for col in added:
-                extra[col][at] = marks[col]
+            for col, default in added.items():  # another step's mark of the row leaves this column alone
+                own = marks[col] != default
+                extra[col][at[own]] = marks[col][own]
         t = t.set_column(t.column_names.index("drop_reason"), "drop_reason", pa.array(reason.tolist(), pa.string()))
         for col, values in extra.items():
             t = t.append_column(col, pa.array(values.tolist(), pa.string()))

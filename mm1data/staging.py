@@ -50,6 +50,8 @@ def batch_to_table(batch: Batch, types: dict[str, pa.DataType]) -> pa.Table:
     cols = {}
     for name, values in batch.items():
         t = types.get(name)
+        if t is not None and values.dtype == object and t in (pa.int64(), pa.list_(pa.int64())):
+            values = _hex_ints(values, t)
         if values.ndim == 2 and t is not None and pa.types.is_list(t):  # equal-length lists, as Ray hands them
             cols[name] = pa.array(values.tolist(), type=t)
         elif values.ndim == 2:
@@ -57,6 +59,24 @@ def batch_to_table(batch: Batch, types: dict[str, pa.DataType]) -> pa.Table:
         else:
             cols[name] = pa.array(values.tolist() if values.dtype == object else values, type=t)
     return pa.table(cols)
+
+
+def _hex_ints(values: np.ndarray, t: pa.DataType) -> np.ndarray:
+    """A declared int64 (or list<int64>) column that came as 16-hex strings -> signed ints, "" or None -> null.
+
+    A nullable 64-bit integer (a pHash) travels between Ray stages as hex: Ray Data turns an integer column with
+    nulls into float64, which cannot hold 64 bits."""
+    from mm1data.phash import from_hex
+
+    def one(v):
+        return from_hex(v) if isinstance(v, str) and v else (None if isinstance(v, str) or v is None else v)
+
+    out = np.empty(len(values), dtype=object)
+    if pa.types.is_list(t):
+        out[:] = [None if v is None else [one(x) for x in v] for v in values]
+    else:
+        out[:] = [one(v) for v in values]
+    return out
 
 
 def payload_bytes(values: np.ndarray) -> np.ndarray:

@@ -44,7 +44,8 @@ def bad_routes() -> dict[str, Route]:
     """Every bad input of the issue, by path (the good ones are added by each test)."""
     good = jpeg(300, 260, seed=99)
     return {
-        "/flaky.jpg": Route(jpeg(280, 280, seed=7), fail_first=1),  # 500 then success
+        # 500 then success; seed 77: seed 7 would be a pHash near-duplicate (6 bits) of the tests' /img/7.jpg
+        "/flaky.jpg": Route(jpeg(280, 280, seed=77), fail_first=1),
         "/slow.jpg": Route(jpeg(seed=8), delay_s=3.0),  # slower than the timeout
         "/loop": Route(b"", status=302, headers={"Location": "/loop"}),
         "/page.html": Route(b"<html></html>", headers={"Content-Type": "text/html"}),
@@ -110,3 +111,39 @@ def ray_session(s3_server):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+def photo(seed: int, w: int = 240, h: int = 180) -> Image.Image:
+    """A photo-like picture: a smooth field from a coarse colour grid, a few hard-edged shapes, fine noise (pHashes
+    of two seeds lie ~32 bits apart; the flat jpeg() images all look alike to a pHash)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), dtype=np.float64)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, w - 30)), int(rng.integers(0, h - 30))
+        img[y0 : y0 + int(rng.integers(15, h // 2)), x0 : x0 + int(rng.integers(15, w // 2))] = rng.integers(0, 256, 3)
+    img += rng.normal(0, 5, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def encode(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def near_copies(im: Image.Image) -> dict[str, bytes]:
+    """Planted near-duplicates of a picture, as JPEG bytes: recompressed at quality 30 and 60, resized to 70%,
+    cropped 3% on every side, brighter by 8%, colour-shifted (R +8, B -8)."""
+    from PIL import ImageEnhance
+
+    w, h = im.size
+    shifted = np.clip(np.asarray(im, dtype=np.int16) + np.array([8, 0, -8]), 0, 255).astype(np.uint8)
+    return {
+        "q30": encode(im, 30),
+        "q60": encode(im, 60),
+        "resized": encode(im.resize((w * 7 // 10, h * 7 // 10), Image.LANCZOS)),
+        "cropped": encode(im.crop((w * 3 // 100, h * 3 // 100, w - w * 3 // 100, h - h * 3 // 100))),
+        "brighter": encode(ImageEnhance.Brightness(im).enhance(1.08)),
+        "shifted": encode(Image.fromarray(shifted)),
+    }

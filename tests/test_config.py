@@ -18,6 +18,17 @@ def test_shipped_caption_config_and_overrides():
     assert cfg.filters != load_run_config("pipelines/caption.yaml")[1].filters
 
 
+def test_dedup_reference_list_override():
+    _, cfg = load_run_config("pipelines/caption.yaml", ["dedup.reference=[s3://b/captions, /data/eval.parquet]"])
+    assert cfg.dedup.reference == ("s3://b/captions", "/data/eval.parquet") and cfg.dedup.max_distance == 8
+    _, cfg = load_run_config("pipelines/interleaved.yaml", ["dedup.reference=[a]", "dedup.max_distance=4"])
+    assert cfg.dedup.reference == ("a",) and cfg.dedup.max_distance == 4
+    with pytest.raises(ConfigError, match="dedup.max_distance"):
+        load_run_config("pipelines/caption.yaml", ["dedup.max_distance=40"])
+    with pytest.raises(ConfigError, match="dedup.reference"):
+        load_run_config("pipelines/caption.yaml", ["dedup.reference=oops"])
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

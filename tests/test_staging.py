@@ -88,3 +88,21 @@ def test_list_of_binary_and_list_of_struct_columns_stage(tmp_path):
     assert t.schema.field("segments").type == seg and t["segments"].to_pylist()[1] == [
         {"text": "only text", "image": None}
     ]
+
+
+def test_hex_phash_columns_become_nullable_int64() -> None:
+    """A pHash travels between Ray stages as hex (a nullable int column would turn into float64 there)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mm1data.staging import batch_to_table
+
+    one = np.empty(3, dtype=object)
+    one[:] = ["ffffffffffffffff", "", "0000000000000005"]
+    lists = np.empty(3, dtype=object)
+    lists[:] = [["", "8000000000000000"], None, [7]]
+    t = batch_to_table(
+        {"phash": one, "image_phash": lists}, {"phash": pa.int64(), "image_phash": pa.list_(pa.int64())}
+    )
+    assert t["phash"].to_pylist() == [-1, None, 5] and t["phash"].type == pa.int64()
+    assert t["image_phash"].to_pylist() == [[None, -(1 << 63)], None, [7]]  # ints as they came

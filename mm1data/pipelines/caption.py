@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mm1data.config import to_dict
-from mm1data.dedup import ExactDedup
+from mm1data.config import check, to_dict
+from mm1data.dedup import ExactDedup, NearImageDedup, check_references
 from mm1data.download import DownloadConfig, ImageDownloader
+from mm1data.phash import to_hex
 from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage, download_pool, model_stage, null_weights
 from mm1data.read import InputConfig, read_unit
 from mm1data.recaption import CocaCaptioner, RecaptionConfig
@@ -24,6 +25,14 @@ from mm1data.scorers.clip import ClipConfig, ClipScorer
 class DedupConfig:
     url: bool = True  # drop_reason dup_url: the same URL earlier in the input
     image_sha256: bool = True  # drop_reason dup_image: the same image bytes earlier in the input
+    near_image: bool = True  # dup_near_image: pHash within max_distance bits of a kept image with a higher clip_score
+    max_distance: int = 8  # Hamming bits of the 64 (bench/phash.py's precision/recall table chose it)
+    image_bands: int = 0  # LSH bands of the 64 bits; 0: max_distance + 1 (every pair within max_distance shares one)
+    reference: tuple[str, ...] = ()  # mm1data outputs / blocklist parquets: their images are removed from this run
+
+    def __post_init__(self) -> None:
+        check(self, "max_distance", ge=0, le=32)
+        check(self, "image_bands", ge=0, le=64)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     meta = json.loads(row["extra"] or "{}")
     meta.update((k, None if isinstance(v, float) and v != v else v) for k, v in row.items() if k not in NOT_IN_JSON)
     meta.update(source=row["src_file"], row=row["src_row"])
+    if meta.get("phash") is not None:
+        meta["phash"] = to_hex(meta["phash"])  # imagehash's str form: 16 hex digits
     if "error_message" in meta:
         meta["error_message"] = meta["error_message"] or None  # img2dataset's null on success
     sample = CaptionSample(
@@ -77,14 +88,21 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     return sample.to_members(), count_tokens(row["caption"])
 
 
-def dedup(cfg: Config) -> list[ExactDedup]:
+def dedup(cfg: Config) -> list:
     """Later copies of a kept row's URL (dup_url), then of its image bytes (dup_image); the first in input order
-    stays."""
-    steps = []
-    if cfg.dedup.url:
+    stays. Then images of dedup.reference (duplicate_of_reference, eval_contamination) and pHash near-duplicates
+    (dup_near_image: the highest clip_score stays, then the first in input order). Checks the references (a
+    ConfigError names a bad one)."""
+    d = cfg.dedup
+    steps: list = []
+    if d.url:
         steps.append(ExactDedup("url", "dup_url"))
-    if cfg.dedup.image_sha256:
+    if d.image_sha256:
         steps.append(ExactDedup("sha256", "dup_image"))
+    refs = check_references(d.reference)
+    if d.near_image or refs:
+        bands = d.image_bands or min(64, d.max_distance + 1)
+        steps.append(NearImageDedup(max_distance=d.max_distance, bands=bands, within=d.near_image, references=refs))
     return steps
 
 
@@ -111,6 +129,7 @@ KIND = Kind(
         "image": pa.binary(),
         "image_ext": pa.string(),
         "sha256": pa.string(),
+        "phash": pa.int64(),  # null without an image (it travels between the stages as hex: staging.batch_to_table)
         "download_error": pa.string(),
         "status": pa.string(),  # img2dataset's status and error_message (download.img2dataset_columns)
         "error_message": pa.string(),

@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from mm1data.config import check, to_dict
-from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
+from mm1data.dedup import ExactDedup, FrequentValues, ReferenceImages, check_references, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
+from mm1data.phash import to_hex
 from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage, download_pool, model_stage, null_weights
 from mm1data.read import InterleavedInputConfig, read_interleaved_unit
 from mm1data.schema import count_tokens
@@ -53,10 +54,15 @@ class InterleavedDedupConfig:
     max_image_docs: int = 10  # dup_image_url: an image URL in more documents is removed everywhere; 0 = off
     max_domain_paragraph: int = 2  # dup_paragraph: a paragraph in more documents of one domain is removed from
     #                                all of them (OBELICS: repeated 3 times in a domain = boilerplate); 0 = off
+    reference: tuple[str, ...] = ()  # mm1data outputs / blocklist parquets: their images leave these documents
+    max_distance: int = 8  # pHash Hamming bits to a reference image (as the caption kind's dedup.max_distance)
+    image_bands: int = 0  # LSH bands of the 64 bits; 0: max_distance + 1
 
     def __post_init__(self) -> None:
         check(self, "max_image_docs", ge=0)
         check(self, "max_domain_paragraph", ge=0)
+        check(self, "max_distance", ge=0, le=32)
+        check(self, "image_bands", ge=0, le=64)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ IMAGE_COLUMNS = {
     "image_orig_width": (0, "orig_width"),
     "image_orig_height": (0, "orig_height"),
     "image_sha256": ("", "sha256"),
+    "image_phash": ("", "phash"),  # hex between the stages, a nullable int64 in staging (staging.batch_to_table)
     "image_status": (0, "download_status"),
     "image_error": ("", "download_error"),
 }
@@ -310,7 +317,8 @@ def _doc_images_bounds(cfg: Config) -> tuple[float, float]:
 
 
 def dedup(cfg: Config) -> list:
-    """Document URL (dup_url), then identical image sets (dup_image_set); then image URLs in more than
+    """Document URL (dup_url), then identical image sets (dup_image_set), then images of dedup.reference
+    (duplicate_of_reference, eval_contamination: removed from their documents); then image URLs in more than
     dedup.max_image_docs documents (dup_image_url) and paragraphs in more than dedup.max_domain_paragraph documents
     of a domain (dup_paragraph) are removed everywhere; a document left under doc_images' min gets doc_images."""
     steps: list = []
@@ -318,6 +326,12 @@ def dedup(cfg: Config) -> list:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_set:
         steps.append(ExactDedup("image_set", "dup_image_set"))
+    refs = check_references(cfg.dedup.reference)
+    if refs:  # images of the references leave their documents (removed_ref; a document under doc_images' min goes)
+        d = cfg.dedup
+        bands = d.image_bands or min(64, d.max_distance + 1)
+        lo, _ = _doc_images_bounds(cfg)
+        steps.append(ReferenceImages(refs, d.max_distance, bands, min_left=int(np.ceil(lo))))
     limits = (("img", cfg.dedup.max_image_docs), ("para", cfg.dedup.max_domain_paragraph))
     if any(n for _, n in limits):
         lo, _ = _doc_images_bounds(cfg)
@@ -338,7 +352,14 @@ def _domain(url: Any) -> str:
 
 def apply_removed(t: pa.Table) -> pa.Table:
     """Decided rows: the images and paragraphs the repetition rules removed get seg_reason dup_image_url and
-    dup_paragraph."""
+    dup_paragraph; the images of a reference (removed_ref) get theirs (duplicate_of_reference, eval_contamination)."""
+    if "removed_ref" in t.column_names and any(t["removed_ref"].to_pylist()):
+        reasons = t["seg_reason"].to_pylist()
+        for d, r in enumerate(t["removed_ref"].to_pylist()):
+            for i, why in json.loads(r) if r else ():
+                if i < len(reasons[d]) and not reasons[d][i]:
+                    reasons[d][i] = why
+        t = t.set_column(t.column_names.index("seg_reason"), "seg_reason", pa.array(reasons, pa.list_(pa.string())))
     if "removed" not in t.column_names:
         return t
     removed = t["removed"].to_pylist()
@@ -366,7 +387,7 @@ def apply_removed(t: pa.Table) -> pa.Table:
 # staged columns that are not document metadata: positions (in segments / image_info), payload, internals
 NOT_IN_JSON = {
     "texts", "images", "alts", "seg_reason", "extra", "drop_reason", "src_file", "src_row", "key", "repeats",
-    "para_hash", "image_set", "doc_bytes", "removed",
+    "para_hash", "image_set", "doc_bytes", "removed", "removed_ref",
 }  # fmt: skip
 IMAGE_INFO = {  # per kept image in the sample json: name -> per-position column
     "url": "images",
@@ -377,6 +398,7 @@ IMAGE_INFO = {  # per kept image in the sample json: name -> per-position column
     "original_height": "image_orig_height",
     "format": "image_format",
     "sha256": "image_sha256",
+    "phash": "image_phash",
     "relevance": "image_relevance",
 }
 
@@ -403,7 +425,10 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
             n = len(info)
             members[f"{key}.{n}.{row['image_ext'][i]}"] = row["image"][i]
             segments.append({"image": n})
-            info.append({k: _clean(row[c][i]) if c in row else None for k, c in IMAGE_INFO.items()} | {"position": i})
+            one = {k: _clean(row[c][i]) if c in row else None for k, c in IMAGE_INFO.items()}
+            if one["phash"] is not None:
+                one["phash"] = to_hex(one["phash"])  # imagehash's str form, as the caption json has it
+            info.append(one | {"position": i})
     meta = json.loads(row["extra"] or "{}")
     meta.update((k, _clean(v)) for k, v in row.items() if k not in NOT_IN_JSON and _scalar(v))
     meta.update(segments=segments, image_info=info, source=row["src_file"], row=row["src_row"], tokens=tokens)
@@ -474,7 +499,11 @@ def image_rows(t: pa.Table) -> pa.Table:
     types = {"key": pa.string(), "position": pa.int32(), "image_index": pa.int32(), "url": pa.string(),
              "alt": pa.string(), "kept": pa.bool_(), "drop_reason": pa.string(), "shard": pa.string()}  # fmt: skip
     types.update((c, t.schema.field(c).type.value_type) for c in per_pos)
-    return pa.table({c: pa.array(v, types[c]) for c, v in cols.items()})
+    # the image's pHash is `phash` here, as in the caption kind's meta/ and the blocklist (dedup.reference reads it)
+    return pa.table({ITEM_NAMES.get(c, c): pa.array(v, types[c]) for c, v in cols.items()})
+
+
+ITEM_NAMES = {"image_phash": "phash"}
 
 
 STRINGS = pa.list_(pa.string())
@@ -496,6 +525,7 @@ KIND = Kind(
         "image_orig_width": INTS,
         "image_orig_height": INTS,
         "image_sha256": STRINGS,
+        "image_phash": INTS,  # null at paragraphs and failed images
         "image_status": INTS,
         "image_error": STRINGS,
         "image_relevance": pa.list_(pa.float32()),

@@ -237,6 +237,7 @@ def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | 
         if missing:
             how = "; ".join(f"{m} needs {kind.enables[m]}" for m in missing if m in kind.enables)
             raise ConfigError(f"filter {c.name} needs {', '.join(missing)}, not computed with this config ({how})")
+    kind.dedup(cfg)  # builds (and checks: dedup.reference) the dedup steps now, so a bad one fails before Ray starts
     units = plan_units(cfg.input)
     fingerprint = {
         "input": to_dict(cfg.input),

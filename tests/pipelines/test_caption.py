@@ -168,3 +168,124 @@ def test_caption_s3_in_and_out(ray_session, server, tmp_path):
     assert [json.loads(x["json"])["url"] for x in samples] == [r["url"] for r in rows]
     scores = [json.loads(x["json"])["clip_score"] for x in samples]
     assert all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
+
+
+def blocklist(path, rows: list[dict]) -> str:
+    """A blocklist parquet in the contract's schema (as `mm1data blocklist build` writes it)."""
+    t = pa.table(
+        {
+            "kind": pa.array([r.get("kind", "image") for r in rows], pa.string()),
+            "source": pa.array([r.get("source", f"eval/{i}.jpg") for i, r in enumerate(rows)], pa.string()),
+            "sha256": pa.array([r.get("sha256") for r in rows], pa.string()),
+            "phash": pa.array([r.get("phash") for r in rows], pa.int64()),
+            "text": pa.array([r.get("text") for r in rows], pa.string()),
+        }
+    )
+    pq.write_table(t.replace_schema_metadata({"mm1data": json.dumps({"blocklist": 1})}), str(path))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_caption_near_duplicate_images_and_references(ray_session, server, tmp_path):
+    """Planted near-duplicates (recompressed, resized, cropped, brighter, colour-shifted) form clusters that keep
+    their highest clip_score; look-alikes (mirrored, other pictures, a crop 12 bits away) stay. A second run with
+    the first output and a blocklist as dedup.reference drops their images."""
+    import hashlib
+
+    from conftest import encode, near_copies, photo
+    from PIL import ImageOps
+
+    from mm1data.config import ConfigError
+    from mm1data.phash import phash, to_hex
+
+    pics = {s: photo(s) for s in (1, 3, 4, 5, 6, 7, 8)}
+    near = {s: near_copies(pics[s]) for s in (1, 3, 4, 6, 8)}
+    planted = [
+        ("p3", encode(pics[3])),  # 0  cluster A: rows 0-3
+        ("p3 q30", near[3]["q30"]),  # 1
+        ("p3 resized", near[3]["resized"]),  # 2
+        ("p3 shifted", near[3]["shifted"]),  # 3
+        ("p3 mirrored", encode(ImageOps.mirror(pics[3]))),  # 4  a look-alike: stays
+        ("p4", encode(pics[4])),  # 5  cluster B: rows 5-7
+        ("p4 cropped", near[4]["cropped"]),  # 6
+        ("p4 brighter", near[4]["brighter"]),  # 7
+        ("p5", encode(pics[5])),  # 8
+        ("p1", encode(pics[1])),  # 9
+        ("p1 cropped", near[1]["cropped"]),  # 10  12 bits from p1 at 96 px: more than max_distance 8, stays
+    ]
+    rows = []
+    for i, (name, data) in enumerate(planted):
+        server.routes[f"/p/{i}.jpg"] = Route(data)
+        rows.append({"url": server.url(f"/p/{i}.jpg"), "caption": f"planted picture {name}", "id": i})
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    out = str(tmp_path / "out")
+    overrides = [*TINY, "filters=[{name: caption_words, min: 2}]", "input.rows_per_unit=4", "download.batch_size=4"]
+    index = run_pipeline("pipelines/caption.yaml", str(inp), out, overrides)
+
+    meta = {m["src_row"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
+    key = {r: m["key"] for r, m in meta.items()}
+    score = {r: m["clip_score"] for r, m in meta.items()}
+
+    def best(cluster: list[int]) -> int:  # the keep rule: highest clip_score, then input order
+        return min(cluster, key=lambda r: (-score[r], r))
+
+    a, b = best([0, 1, 2, 3]), best([5, 6, 7])
+    want = {r: "" for r in range(len(planted))}
+    want.update({r: "dup_near_image" for r in (0, 1, 2, 3) if r != a})
+    want.update({r: "dup_near_image" for r in (5, 6, 7) if r != b})
+    assert {r: m["drop_reason"] for r, m in meta.items()} == want
+    clusters = {r: m["dup_image_cluster"] for r, m in meta.items()}
+    assert clusters == {
+        **{r: "" for r in want},
+        **dict.fromkeys((0, 1, 2, 3), key[a]),
+        **dict.fromkeys((5, 6, 7), key[b]),
+    }
+    assert index["funnel"]["dropped"] == {"dup_near_image": 5} and index["totals"]["samples"] == 6
+    assert all(isinstance(m["phash"], int) for m in meta.values())
+    samples = list(wds.WebDataset([os.path.join(out, s["path"]) for s in index["shards"]], shardshuffle=False))
+    first = json.loads(samples[0]["json"])
+    assert first["phash"] == to_hex(meta[min(r for r in want if want[r] == "")]["phash"]) and len(first["phash"]) == 16
+
+    # dedup.reference: the first output and a blocklist (hashes of full-size eval images, as `blocklist build` makes)
+    p7 = encode(pics[7])
+    bl = blocklist(
+        tmp_path / "eval.parquet",
+        [
+            {"phash": phash(pics[6])},  # p6 by pHash
+            {"sha256": hashlib.sha256(p7).hexdigest()},  # p7 by its bytes only (an undecodable eval image)
+            {"kind": "text", "text": "planted picture p8"},  # a text row: not an image
+        ],
+    )
+    second = [
+        ("p3 q60", near[3]["q60"]),  # 0  near the first output's kept p3: duplicate_of_reference
+        ("p4 q60", near[4]["q60"]),  # 1  near the first output's kept p4
+        ("p6 q30", near[6]["q30"]),  # 2  near a blocklist image: eval_contamination
+        ("p7", p7),  # 3  a blocklisted sha256: eval_contamination
+        ("p8", encode(pics[8])),  # 4  new: kept
+        ("p8 q30", near[8]["q30"]),  # 5  its near-duplicate in this run
+        ("p5 mirrored", encode(ImageOps.mirror(pics[5]))),  # 6  a look-alike of a reference image: kept
+    ]
+    rows2 = []
+    for i, (name, data) in enumerate(second):
+        server.routes[f"/q/{i}.jpg"] = Route(data)
+        rows2.append({"url": server.url(f"/q/{i}.jpg"), "caption": f"second run {name}", "id": i})
+    inp2 = tmp_path / "in2.parquet"
+    pq.write_table(pa.Table.from_pylist(rows2), inp2)
+    out2 = str(tmp_path / "out2")
+    with pytest.raises(ConfigError, match="nowhere"):  # before anything starts
+        run_pipeline("pipelines/caption.yaml", str(inp2), out2, [*overrides, f"dedup.reference=[{tmp_path}/nowhere]"])
+    index2 = run_pipeline("pipelines/caption.yaml", str(inp2), out2, [*overrides, f"dedup.reference=[{out}, {bl}]"])
+    meta2 = {m["src_row"]: m for m in pq.read_table(os.path.join(out2, "meta")).to_pylist()}
+    s2 = {r: m["clip_score"] for r, m in meta2.items()}
+    kept8 = min((4, 5), key=lambda r: (-s2[r], r))
+    assert {r: m["drop_reason"] for r, m in meta2.items()} == {
+        0: "duplicate_of_reference",
+        1: "duplicate_of_reference",
+        2: "eval_contamination",
+        3: "eval_contamination",
+        4: "" if kept8 == 4 else "dup_near_image",
+        5: "" if kept8 == 5 else "dup_near_image",
+        6: "",
+    }
+    assert index2["config"]["dedup"]["reference"] == [out, bl]

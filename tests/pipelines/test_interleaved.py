@@ -207,3 +207,66 @@ def test_web_site_warc_on_s3(ray_session, tmp_path):
 def members_of_bytes(data: bytes) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+@pytest.mark.slow
+def test_reference_images_leave_their_documents(ray_session, tmp_path):
+    """dedup.reference=[a caption output, a blocklist]: images near the caption corpus' images or in the blocklist
+    leave their documents (seg_reason duplicate_of_reference / eval_contamination); a document left without
+    images then goes by its doc_images rule."""
+    import hashlib
+
+    from conftest import encode, near_copies, photo
+    from test_caption import blocklist
+
+    from mm1data.phash import phash, to_hex
+
+    pics = {s: photo(s) for s in (3, 6, 7, 9, 10)}
+    with ImageServer() as srv:
+        srv.routes["/c3.jpg"] = Route(encode(pics[3]))
+        srv.routes["/c9.jpg"] = Route(encode(pics[9]))
+        caption_in = tmp_path / "captions.parquet"
+        caption_rows = [{"url": srv.url(f"/c{s}.jpg"), "caption": f"a caption {s}"} for s in (3, 9)]
+        pq.write_table(pa.Table.from_pylist(caption_rows), caption_in)
+        captions = str(tmp_path / "captions")
+        run_pipeline("pipelines/caption.yaml", str(caption_in), captions,
+                     [*TINY, "download.image_size=96", "filters=[]"])  # fmt: skip
+        p7 = encode(pics[7])
+        bl = blocklist(
+            tmp_path / "eval.parquet", [{"phash": phash(pics[6])}, {"sha256": hashlib.sha256(p7).hexdigest()}]
+        )
+        srv.routes["/d3.jpg"] = Route(near_copies(pics[3])["q60"])  # near a caption image
+        srv.routes["/d6.jpg"] = Route(near_copies(pics[6])["resized"])  # near a blocklist image
+        srv.routes["/d7.jpg"] = Route(p7)  # a blocklist image's bytes
+        srv.routes["/d10.jpg"] = Route(encode(pics[10]))
+        u = srv.url
+        docs = [
+            {"url": "https://a.example/0", "texts": ["Para zero.", None, "More.", None],
+             "images": [None, u("/d3.jpg"), None, u("/d10.jpg")]},
+            {"url": "https://a.example/1", "texts": ["Para one.", None], "images": [None, u("/d6.jpg")]},
+            {"url": "https://a.example/2", "texts": ["Para two.", None], "images": [None, u("/d7.jpg")]},
+        ]  # fmt: skip
+        inp = tmp_path / "docs.parquet"
+        pq.write_table(pa.Table.from_pylist(docs), inp)
+        out = str(tmp_path / "out")
+        overrides = [*TINY, "relevance.min=-1", "filters=[{name: doc_images, min: 1, max: 30}]",
+                     f"dedup.reference=[{captions}, {bl}]"]  # fmt: skip
+        index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, overrides)
+
+    meta = {m["src_row"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
+    assert {r: m["drop_reason"] for r, m in meta.items()} == {0: "", 1: "doc_images", 2: "doc_images"}
+    assert meta[0]["seg_reason"] == ["", "duplicate_of_reference", "", ""]
+    assert meta[1]["seg_reason"] == ["", "eval_contamination"]
+    assert meta[2]["seg_reason"] == ["", "eval_contamination"]
+    images = pq.read_table(os.path.join(out, "meta_images")).to_pylist()
+    assert [(r["position"], r["kept"], r["drop_reason"]) for r in images if r["key"] == meta[0]["key"]] == [
+        (1, False, "duplicate_of_reference"),
+        (3, True, ""),
+    ]
+    assert all(isinstance(r["phash"], int) for r in images)
+    assert meta[0]["image_phash"][0] is None and meta[0]["image_phash"][1] is not None  # null at paragraphs
+    (sample,) = wds.WebDataset([os.path.join(out, s["path"]) for s in index["shards"]], shardshuffle=False)
+    doc = json.loads(sample["json"])
+    assert doc["segments"] == [{"text": "Para zero."}, {"text": "More."}, {"image": 0}]
+    assert doc["image_info"][0]["phash"] == to_hex(meta[0]["image_phash"][3])
+    assert index["funnel"]["images_dropped"]["eval_contamination"] == 2
