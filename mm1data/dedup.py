@@ -297,6 +297,46 @@ def minhash_bands(texts: Sequence[str], cfg: MinHashConfig) -> np.ndarray:
     return band_hashes(sig, valid, cfg)
 
 
+def word_ngram_hashes(texts: Sequence[str], lengths: Sequence[int]) -> tuple[np.ndarray, dict[int, tuple]]:
+    """-> (int64 words per text, {L: (uint64 hash of every window of exactly L consecutive words, int64 text
+    index of it)}) over the words of normalize_text, for each L in `lengths` (a text shorter than L has none).
+
+    64 bits, not the 32 of MinHash shingles: a decontamination join looks up every window of a 2T-token corpus in a
+    set of millions of eval n-grams, where 32 bits would give a false hit in most documents. A window of L words
+    hashes as MinHash's shingle of the same words (the same word hashes and position multipliers), mixed to 64
+    bits; so an eval item of L < ngram words, hashed whole, matches a document's window of those L words."""
+    words = np.zeros(len(texts), dtype=np.int64)
+    parts: dict[int, list] = {L: [] for L in lengths}
+    top = max(lengths, default=0)
+    mult = _mix64(np.arange(1, top + 1, dtype=np.uint64) * np.uint64(_GOLDEN)) | np.uint64(1)
+    for lo, hi in _chunks(texts):
+        cp, starts = _codepoints(texts[lo:hi])
+        w_start, w_end = _word_bounds(_is_word(cp))
+        word_doc = np.searchsorted(starts, w_start, side="right") - 1
+        counts = np.bincount(word_doc, minlength=hi - lo)
+        words[lo:hi] = counts
+        if not len(word_doc):
+            continue
+        wh = _word_hashes(cp, w_start, w_end)
+        n = len(wh)
+        left = (np.cumsum(counts) - counts)[word_doc] + counts[word_doc] - np.arange(n)  # words to the text's end
+        acc = wh * mult[0]
+        for k in range(1, top + 1):  # acc = the hash of the window of k words starting at each word
+            if k in parts:
+                at = np.flatnonzero(left >= k)
+                parts[k].append((_mix64(acc[at]), lo + word_doc[at]))
+            if k < top and k < n:
+                nxt = np.zeros(n, dtype=np.uint64)
+                nxt[: n - k] = wh[k:]
+                acc = acc + nxt * mult[k]
+    out = {}
+    for L, got in parts.items():
+        h = np.concatenate([g[0] for g in got]) if got else np.zeros(0, np.uint64)
+        d = np.concatenate([g[1] for g in got]) if got else np.zeros(0, np.int64)
+        out[L] = (h, d)
+    return words, out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LSH on Ray. Each (band, hash, id) row goes to a group chosen by its hash, so every bucket lies whole in one group;
 # a group is sorted and cut into buckets with numpy (one call per group, not per bucket: Ray's map_groups calls the

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mm1data.blocklist import blocklists
 from mm1data.config import to_dict
+from mm1data.decontam import CaptionMatch, TextReference
 from mm1data.dedup import ExactDedup
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
@@ -24,6 +26,9 @@ from mm1data.scorers.clip import ClipConfig, ClipScorer
 class DedupConfig:
     url: bool = True  # drop_reason dup_url: the same URL earlier in the input
     image_sha256: bool = True  # drop_reason dup_image: the same image bytes earlier in the input
+    reference: tuple[str, ...] = ()
+    # captions near an eval text of a dedup.reference blocklist: drop_reason eval_contamination
+    decontam: CaptionMatch = field(default_factory=CaptionMatch)
 
 
 @dataclass(frozen=True)
@@ -84,10 +89,12 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     return sample.to_members(), count_tokens(row["caption"])
 
 
-def dedup(cfg: Config) -> list[ExactDedup]:
-    """Later copies of a kept row's URL (dup_url), then of its image bytes (dup_image); the first in input order
-    stays."""
-    steps = []
+def dedup(cfg: Config) -> list:
+    """Captions containing an eval text of a dedup.reference blocklist (eval_contamination), then later copies of a
+    kept row's URL (dup_url), then of its image bytes (dup_image); the first in input order stays."""
+    steps: list = []
+    if blocklists(cfg.dedup.reference):  # first: every copy of an eval caption is contamination, not a duplicate
+        steps.append(TextReference("caption", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
     if cfg.dedup.url:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_sha256:
