@@ -184,6 +184,15 @@ def _match_captions(texts: list[str], index: dict[str, Any], match: CaptionMatch
     return out
 
 
+def _joined(value: Any) -> str | None:
+    """A text, or an interleaved document's positions (paragraphs; None at images) as one text: its paragraphs
+    joined by a blank line. Every paragraph, also those a filter removed (the step reads one column, not
+    seg_reason): a document is judged by all the text it came with."""
+    if isinstance(value, list):
+        return "\n\n".join(p for p in value if p)
+    return value
+
+
 _CACHE: dict[str, Any] = {}
 
 
@@ -227,7 +236,8 @@ class TextReference:
     def candidates(self, t: Any, prefix: str) -> dict[str, np.ndarray]:
         if self.index is None or not t.num_rows:
             return {f"{prefix}eval": np.full(t.num_rows, -1, dtype=np.int64)}
-        return {f"{prefix}eval": match_texts(t[self.text_col].to_pylist(), _get(self.index), self.match)}
+        texts = [_joined(v) for v in t[self.text_col].to_pylist()]
+        return {f"{prefix}eval": match_texts(texts, _get(self.index), self.match)}
 
     def apply(self, ds: Any, prefix: str, n: int, keys: Any) -> tuple:
         col, reason, ref = f"{prefix}eval", self.reason, self.index

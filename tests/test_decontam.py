@@ -41,7 +41,7 @@ def test_document_ngram_match(tmp_path):
     assert n == 3 and index["lengths"] == [10, 13]
     q0 = QUESTIONS[0].split()
     docs = [
-        "Some page text before. WHAT IS THE NAME of the tallest mountain in the world, that is located in NEPAL?? more",
+        "Some page text before. WHAT IS THE NAME of the tallest mountain in the world, that is located in NEPAL??",
         "A quiz: " + " ".join(q0[:12]) + " and then other words entirely.",  # 12 words of it: no 13-gram
         " ".join(q0[:8] + ["famous"] + q0[9:]),  # one word changed in the middle: every 13-window differs
         "intro which animal in the picture is sleeping on the sofa outro",  # the 10-word item, whole
@@ -147,3 +147,35 @@ def test_caption_kind_drops_eval_captions(ray_session, tmp_path):
         5: ("eval_contamination", "captions.parquet#0.caption[0]"),
     }
     assert index["funnel"]["kept"] == 3
+
+
+def test_interleaved_kind_drops_documents_holding_eval_text(ray_session, tmp_path):
+    bl = blocklist(tmp_path, "vqa", QUESTIONS, "question")
+    q0 = QUESTIONS[0].split()
+    paragraphs = [
+        ["The market opened early on Sunday morning.", "Farmers sold apples and bread to travellers."],
+        ["Our weekly quiz is here.", "Question one: " + QUESTIONS[0], "Answers next week."],  # contaminated
+        ["Our weekly quiz is here.", "Question one: " + " ".join(q0[:12]) + " and so on."],  # near miss: 12 words
+        ["Today we ask:", QUESTIONS[1].upper()],  # the 10-word question, whole
+    ]
+    with ImageServer({}) as server:
+        rows = []
+        for d, texts in enumerate(paragraphs):
+            server.routes[f"/{d}.jpg"] = Route(jpeg(200, 150, seed=d))
+            rows.append(
+                {"url": f"https://site.example/{d}", "texts": [*texts, None],
+                 "images": [None] * len(texts) + [server.url(f"/{d}.jpg")]}
+            )  # fmt: skip
+        inp = tmp_path / "docs.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), inp)
+        out = str(tmp_path / "out")
+        sets = ["filters=[]", "clip.enabled=false", "download.allow_private_hosts=true", f"dedup.reference=[{bl}]"]
+        index = run_pipeline("pipelines/interleaved.yaml", str(inp), out, sets)
+    meta = {m["url"]: m for m in pq.read_table(os.path.join(out, "meta")).to_pylist()}
+    assert {u[-1]: (m["drop_reason"], m["contamination_source"]) for u, m in meta.items()} == {
+        "0": ("", ""),
+        "1": ("eval_contamination", "vqa.jsonl#0.question"),
+        "2": ("", ""),
+        "3": ("eval_contamination", "vqa.jsonl#1.question"),
+    }
+    assert index["funnel"]["kept"] == 2

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mm1data.blocklist import blocklists
 from mm1data.config import check, to_dict
+from mm1data.decontam import DocumentMatch, TextReference
 from mm1data.dedup import ExactDedup, FrequentValues, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.pipelines.runner import Kind, RunConfig, Stage, model_cpus, model_stage, null_weights
@@ -53,6 +55,9 @@ class InterleavedDedupConfig:
     max_image_docs: int = 10  # dup_image_url: an image URL in more documents is removed everywhere; 0 = off
     max_domain_paragraph: int = 2  # dup_paragraph: a paragraph in more documents of one domain is removed from
     #                                all of them (OBELICS: repeated 3 times in a domain = boilerplate); 0 = off
+    reference: tuple[str, ...] = ()
+    # documents holding an eval text of a dedup.reference blocklist (13-gram overlap): drop_reason eval_contamination
+    decontam: DocumentMatch = field(default_factory=DocumentMatch)
 
     def __post_init__(self) -> None:
         check(self, "max_image_docs", ge=0)
@@ -288,10 +293,13 @@ def _doc_images_bounds(cfg: Config) -> tuple[float, float]:
 
 
 def dedup(cfg: Config) -> list:
-    """Document URL (dup_url), then identical image sets (dup_image_set); then image URLs in more than
+    """Documents holding an eval text of a dedup.reference blocklist (eval_contamination), then document URL
+    (dup_url), then identical image sets (dup_image_set); then image URLs in more than
     dedup.max_image_docs documents (dup_image_url) and paragraphs in more than dedup.max_domain_paragraph documents
     of a domain (dup_paragraph) are removed everywhere; a document left under doc_images' min gets doc_images."""
     steps: list = []
+    if blocklists(cfg.dedup.reference):  # first: a page holding an eval text goes whole, whatever its copies
+        steps.append(TextReference("texts", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
     if cfg.dedup.url:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_set:
