@@ -50,7 +50,7 @@ SCHEMA = pa.schema(
 META_KEY = b"mm1data"
 META = {META_KEY: json.dumps({"blocklist": 1}).encode()}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".jpe")
-FILES_PER_TASK = 256  # image files hashed by one task
+FILES_PER_TASK = 64  # image files hashed by one task
 PARQUET_BATCH = 64  # rows of an image parquet read at a time (HF eval rows hold whole images)
 
 
