@@ -160,13 +160,14 @@ MAIN_KEYS = {
     "caption": "input.url_col, input.caption_col, input.rows_per_unit, download.threads, download.timeout_s, "
     "download.retries, download.image_size, download.resize_mode, download.allow_private_hosts, filters, "
     "clip.model, clip.pretrained, clip.workers, recaption.enabled, recaption.model, recaption.pretrained, dedup.url, "
-    "dedup.image_sha256, shards.samples_per_shard",
+    "dedup.image_sha256, dedup.reference, dedup.decontam.threshold, shards.samples_per_shard",
     "interleaved": "input.form, input.texts_col, input.images_col, input.rows_per_unit, input.max_images, "
     "download.threads, download.timeout_s, download.image_size, filters, clip.enabled, clip.model, "
     "clip.pretrained, relevance.min, dedup.url, dedup.image_set, dedup.max_image_docs, "
-    "dedup.max_domain_paragraph, batch_size, shards.samples_per_shard",
+    "dedup.max_domain_paragraph, dedup.reference, batch_size, shards.samples_per_shard",
     "text": "input.text_col, input.id_col, input.rows_per_unit, input.html, filters, dedup.exact, "
-    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, batch_size, shards.samples_per_shard",
+    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, dedup.reference, dedup.decontam.ngram, "
+    "batch_size, shards.samples_per_shard",
 }
 
 
