@@ -83,8 +83,9 @@ def _band_salt(bands: int) -> np.ndarray:
 
 
 def build_index(locations: list[str], match: CaptionMatch | DocumentMatch) -> tuple[int, dict[str, Any] | None]:
-    """Ray task: the text rows of the blocklists -> (how many, the eval side: sorted uint64 `keys`, int64 `ids`
-    (eval row of each key, ascending within equal keys), `texts` and `sources` as Arrow arrays, `lengths`)."""
+    """Ray task: the text rows of the blocklists -> (how many keys, the eval side: sorted uint64 `keys`, int64
+    `ids` (eval row of each key, ascending within equal keys), the Bloom `bitset`, `texts` and `sources` as Arrow
+    arrays, `lengths`); (0, None) when no item can match (none, or all too short)."""
     import pyarrow as pa
 
     from mm1data.blocklist import read_texts
@@ -122,7 +123,7 @@ def build_index(locations: list[str], match: CaptionMatch | DocumentMatch) -> tu
         "sources": pa.array(sources, pa.string()),
         "lengths": lengths,
     }
-    return len(texts), index
+    return (len(k), index) if len(k) else (0, None)
 
 
 def _bands(texts: list[str], match: CaptionMatch) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,11 @@ def test_document_ngram_match(tmp_path):
     bl = blocklist(tmp_path, "vqa", QUESTIONS, "question")
     match = DocumentMatch()
     n, index = build_index([bl], match)
-    assert n == 3 and index["lengths"] == [10, 13]
+    assert index["lengths"] == [10, 13] and index["sources"].to_pylist() == [
+        f"vqa.jsonl#{i}.question" for i in range(3)
+    ]
+    assert n == len(index["keys"]) == 16 - 13 + 1 + 1  # four 13-grams of the first, the second whole
+    assert build_index([blocklist(tmp_path, "short", QUESTIONS[2:], "q")], match) == (0, None)  # nothing to look for
     q0 = QUESTIONS[0].split()
     docs = [
         "Some page text before. WHAT IS THE NAME of the tallest mountain in the world, that is located in NEPAL??",
