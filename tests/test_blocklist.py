@@ -13,7 +13,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg
+from conftest import jpeg, png_bomb
 from PIL import Image
 
 from mm1data.blocklist import SCHEMA, BuildOptions, build, check_reference, is_blocklist
@@ -52,6 +52,7 @@ def test_folder_of_images(tmp_path):
         "d.GIF": encoded("GIF", 4),
         "e.bmp": encoded("BMP", 6),
         "zz_bad.jpg": CORRUPT,
+        "zz_bomb.png": png_bomb(),  # 10^10 pixels claimed: Pillow refuses it, the sha256 row stays
         "notes.txt": b"not an image",
     }
     for name, data in files.items():
@@ -65,13 +66,13 @@ def test_folder_of_images(tmp_path):
     for name in images:
         r = got[name]
         assert r["kind"] == "image" and r["text"] is None
-        if name == "zz_bad.jpg":
-            assert (r["sha256"], r["phash"]) == (hashlib.sha256(CORRUPT).hexdigest(), None)
+        if name.startswith("zz_"):
+            assert (r["sha256"], r["phash"]) == (hashlib.sha256(files[name]).hexdigest(), None)
         else:
             assert (r["sha256"], r["phash"]) == expected(files[name])
-    assert (summary.counts["image"], summary.counts["undecodable"], summary.counts["other_files"]) == (6, 1, 1)
+    assert (summary.counts["image"], summary.counts["undecodable"], summary.counts["other_files"]) == (7, 2, 1)
     line = summary.line(out)
-    assert "6 images (1 undecodable: sha256 only)" in line and "1 files of another type" in line
+    assert "7 images (2 undecodable: sha256 only)" in line and "1 files of another type" in line
     assert is_blocklist(out)
 
 
@@ -157,6 +158,10 @@ def test_text_jsonl_and_cli(tmp_path, capsys):
         ("text", "caps.jsonl#0.captions[0]", "A man rides a horse."),
         ("text", "caps.jsonl#0.captions[1]", "A horse and rider."),
     ]
+    with pytest.raises(SystemExit) as e:
+        main(["blocklist", "build", "--help"])
+    usage = capsys.readouterr().out
+    assert e.value.code == 0 and "--text-col" in usage and "--image-col" in usage and "eval_contamination" in usage
     # bad invocations are one clear line, exit code 2
     assert main(["blocklist", "build", str(tmp_path / "caps.jsonl"), "-o", out]) == 2
     assert "needs --text-col" in capsys.readouterr().err
