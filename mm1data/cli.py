@@ -84,6 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blocklist(args: argparse.Namespace) -> int:
+    from mm1data.blocklist import BuildOptions, build
+
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    opts = BuildOptions(image_col=args.image_col, text_cols=tuple(args.text_col or ()), workers=args.workers)
+    print(build(args.source, args.output, opts).line(args.output))
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     return MANIFEST_COMMANDS[args.manifest_command](args)
 
@@ -165,13 +175,14 @@ MAIN_KEYS = {
     "caption": "input.url_col, input.caption_col, input.rows_per_unit, download.threads, download.timeout_s, "
     "download.retries, download.image_size, download.resize_mode, download.allow_private_hosts, filters, "
     "clip.model, clip.pretrained, clip.workers, recaption.enabled, recaption.model, recaption.pretrained, dedup.url, "
-    "dedup.image_sha256, shards.samples_per_shard",
+    "dedup.image_sha256, dedup.reference, dedup.decontam.threshold, shards.samples_per_shard",
     "interleaved": "input.form, input.texts_col, input.images_col, input.rows_per_unit, input.max_images, "
     "download.threads, download.timeout_s, download.image_size, filters, clip.enabled, clip.model, "
     "clip.pretrained, relevance.min, dedup.url, dedup.image_set, dedup.max_image_docs, "
-    "dedup.max_domain_paragraph, batch_size, shards.samples_per_shard",
+    "dedup.max_domain_paragraph, dedup.reference, batch_size, shards.samples_per_shard",
     "text": "input.text_col, input.id_col, input.rows_per_unit, input.html, filters, dedup.exact, "
-    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, batch_size, shards.samples_per_shard",
+    "dedup.minhash.enabled, dedup.minhash.bands, dedup.minhash.rows, dedup.reference, dedup.decontam.ngram, "
+    "batch_size, shards.samples_per_shard",
 }
 
 
@@ -260,6 +271,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (exactly)")
     t.add_argument("--force", action="store_true", help="resume even with another manifest or config")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train config key (YAML value)")
+    b = sub.add_parser("blocklist", help="eval-set blocklists for dedup.reference (image hashes and texts)")
+    bsub = b.add_subparsers(dest="blocklist_command", required=True, metavar="SUBCOMMAND")
+    bb = bsub.add_parser(
+        "build",
+        help="hash the images and collect the texts of an eval set into a blocklist parquet",
+        description=textwrap.fill(
+            "Hash every image (sha256 of its bytes, 64-bit pHash of the decoded image) and collect every "
+            "eval text (questions, captions) under SOURCE into one parquet (kind, source, sha256, phash, text), for "
+            "`mm1data run ... --set dedup.reference=[BLOCKLIST.parquet]`: matching images and texts are then dropped "
+            "with reason eval_contamination. Files are read by extension: images (jpg, png, webp, gif, bmp, tiff), "
+            "webdataset tar shards (their image members), parquet (an image column of bytes or Hugging Face's "
+            "{bytes, path} struct; text columns with --text-col), jsonl (text columns with --text-col). An image that "
+            "does not decode keeps its sha256 row; the summary line counts it, and everything not listed.",
+            100,
+        ),
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              mm1data blocklist build coco/val2014/ -o blocklists/coco_val.parquet
+              mm1data blocklist build 's3://evals/nocaps/*.tar' -o s3://evals/blocklists/nocaps.parquet
+              mm1data blocklist build vqav2/validation-*.parquet --text-col question -o vqav2.parquet
+              mm1data blocklist build coco_captions.jsonl --text-col captions -o coco_captions.parquet"""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bb.add_argument("source", help="a file, folder (recursive) or glob, local or s3://")
+    bb.add_argument("-o", "--output", required=True, help="the blocklist to write, ending .parquet (local or s3://)")
+    bb.add_argument(
+        "--image-col", metavar="COL", help="parquet column of image bytes or {bytes, path} (default: image, if any)"
+    )
+    bb.add_argument(
+        "--text-col",
+        action="append",
+        metavar="COL",
+        help="parquet/jsonl column of eval text: a string or a list of strings per row (repeat for more columns)",
+    )
+    bb.add_argument("--workers", type=int, default=0, help="hashing processes (default 0: one per CPU)")
     m = sub.add_parser("manifest", help="mixture manifests (manifests/*.yaml)")
     msub = m.add_subparsers(dest="manifest_command", required=True)
     c = msub.add_parser("check", help="resolve every index, verify the shards, print totals and realised shares")
@@ -276,6 +324,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": cmd_report,
     "demo": cmd_demo,
     "manifest": cmd_manifest,
+    "blocklist": cmd_blocklist,
     "train": cmd_train,
 }
 MANIFEST_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"check": cmd_manifest_check}

@@ -297,6 +297,46 @@ def minhash_bands(texts: Sequence[str], cfg: MinHashConfig) -> np.ndarray:
     return band_hashes(sig, valid, cfg)
 
 
+def word_ngram_hashes(texts: Sequence[str], lengths: Sequence[int]) -> tuple[np.ndarray, dict[int, tuple]]:
+    """-> (int64 words per text, {L: (uint64 hash of every window of exactly L consecutive words, int64 text
+    index of it)}) over the words of normalize_text, for each L in `lengths` (a text shorter than L has none).
+
+    64 bits, not the 32 of MinHash shingles: a decontamination join looks up every window of a 2T-token corpus in a
+    set of millions of eval n-grams, where 32 bits would give a false hit in most documents. A window of L words
+    hashes as MinHash's shingle of the same words (the same word hashes and position multipliers), mixed to 64
+    bits; so an eval item of L < ngram words, hashed whole, matches a document's window of those L words."""
+    words = np.zeros(len(texts), dtype=np.int64)
+    parts: dict[int, list] = {L: [] for L in lengths}
+    top = max(lengths, default=0)
+    mult = _mix64(np.arange(1, top + 1, dtype=np.uint64) * np.uint64(_GOLDEN)) | np.uint64(1)
+    for lo, hi in _chunks(texts):
+        cp, starts = _codepoints(texts[lo:hi])
+        w_start, w_end = _word_bounds(_is_word(cp))
+        word_doc = np.searchsorted(starts, w_start, side="right") - 1
+        counts = np.bincount(word_doc, minlength=hi - lo)
+        words[lo:hi] = counts
+        if not len(word_doc):
+            continue
+        wh = _word_hashes(cp, w_start, w_end)
+        n = len(wh)
+        left = (np.cumsum(counts) - counts)[word_doc] + counts[word_doc] - np.arange(n)  # words to the text's end
+        acc = wh * mult[0]
+        for k in range(1, top + 1):  # acc = the hash of the window of k words starting at each word
+            if k in parts:
+                at = np.flatnonzero(left >= k)
+                parts[k].append((_mix64(acc[at]), lo + word_doc[at]))
+            if k < top and k < n:
+                nxt = np.zeros(n, dtype=np.uint64)
+                nxt[: n - k] = wh[k:]
+                acc = acc + nxt * mult[k]
+    out = {}
+    for L, got in parts.items():
+        h = np.concatenate([g[0] for g in got]) if got else np.zeros(0, np.uint64)
+        d = np.concatenate([g[1] for g in got]) if got else np.zeros(0, np.int64)
+        out[L] = (h, d)
+    return words, out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LSH on Ray. Each (band, hash, id) row goes to a group chosen by its hash, so every bucket lies whole in one group;
 # a group is sorted and cut into buckets with numpy (one call per group, not per bucket: Ray's map_groups calls the
@@ -712,7 +752,6 @@ MAX_BUCKET = 4096  # images compared pairwise in one bucket (~8M pairs, ~0.2 s);
 _SMALL_BUCKET = 64  # buckets up to this size are compared in one vectorised pass per offset, not one call each
 IMAGE_BAND_ROWS_PER_GROUP = 2_000_000  # band rows (~60 B each) a bucket group holds on one worker
 REF_REASONS = {1: "duplicate_of_reference", 2: "eval_contamination"}
-BLOCKLIST_META_KEY = b"mm1data"  # a blocklist parquet's file metadata: {"blocklist": 1}
 
 _ITEM_TYPES = {
     "id": np.int64,
@@ -754,9 +793,8 @@ class ImageReference:
 def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
     """Each location -> an ImageReference, or a ConfigError naming it: missing, or neither an output (index.json)
     nor a blocklist (.parquet with the mm1data blocklist metadata). Cheap: listings and a parquet footer."""
-    import pyarrow.parquet as pq
-
     from mm1data import storage
+    from mm1data.blocklist import is_blocklist
     from mm1data.config import ConfigError
 
     out = []
@@ -767,9 +805,7 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
             if not storage.exists(loc):
                 raise ConfigError(f"dedup.reference: {loc} does not exist")
             try:
-                with storage.open_seekable(loc) as f:
-                    meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-                ok = json.loads(meta.get(BLOCKLIST_META_KEY, b"{}")).get("blocklist") == 1
+                ok = is_blocklist(loc)
             except Exception:
                 ok = False
             if not ok:
@@ -778,7 +814,9 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
             continue
         index_uri = storage.join(loc, "index.json")
         if not storage.exists(index_uri):
-            raise ConfigError(f"dedup.reference: {loc} is not an mm1data output (no index.json)")
+            raise ConfigError(
+                f"dedup.reference: {loc} is neither a blocklist parquet nor an mm1data output (no index.json)"
+            )
         kind = json.loads(storage.read_bytes(index_uri)).get("kind", "")
         folder = storage.join(loc, "meta_images" if kind == "interleaved" else "meta")
         files = tuple(sorted(f for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")))

@@ -183,7 +183,9 @@ def _candidates(batch: dict[str, np.ndarray], output: str, pos: Positions, steps
     """Ray task: units -> their kept rows' pos and each step's key columns (prefix _s{i}_)."""
     parts: list[dict[str, np.ndarray]] = []
     for u in batch["u"].tolist():
-        cols = ["src_row", "drop_reason", *(c for s in steps for c in getattr(s, "columns", (s.column,)))]
+        cols = list(
+            dict.fromkeys(["src_row", "drop_reason", *(c for s in steps for c in getattr(s, "columns", (s.column,)))])
+        )  # a column read once
         t = read_unit_staged(output, pos.ids[u], columns=cols)
         if t is None:
             continue
@@ -207,6 +209,8 @@ def _dedup(output: str, pos: Positions, steps: list, added: dict[str, str]):
 
     if not steps:
         return None
+    # a step with a side to build first (decontam.TextReference: the eval texts' index, in a Ray task)
+    steps = [s.prepare() if hasattr(s, "prepare") else s for s in steps]
     cands = ray.data.from_items(
         [{"u": i} for i in range(len(pos.ids))], override_num_blocks=_unit_blocks(len(pos.ids))
     )

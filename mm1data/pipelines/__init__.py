@@ -72,6 +72,9 @@ def run_pipeline(
         output=absolute(cfg.output.rstrip("/")),
         input=dataclasses.replace(cfg.input, path=absolute(cfg.input.path)),
     )
+    if getattr(getattr(cfg, "dedup", None), "reference", ()):  # dedup.reference locations, read by Ray tasks
+        reference = tuple(absolute(r.rstrip("/")) for r in cfg.dedup.reference)
+        cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, reference=reference))
     return run(kind, cfg, search_dirs(path), address)
 
 

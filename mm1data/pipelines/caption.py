@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mm1data.blocklist import blocklists
 from mm1data.config import check, to_dict
+from mm1data.decontam import CaptionMatch, TextReference
 from mm1data.dedup import ExactDedup, NearImageDedup, check_references
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.phash import to_hex
@@ -28,7 +30,10 @@ class DedupConfig:
     near_image: bool = True  # dup_near_image: pHash within max_distance bits of a kept image with a higher clip_score
     max_distance: int = 8  # Hamming bits of the 64 (bench/phash.py's precision/recall table chose it)
     image_bands: int = 0  # LSH bands of the 64 bits; 0: max_distance + 1 (every pair within max_distance shares one)
-    reference: tuple[str, ...] = ()  # mm1data outputs / blocklist parquets: their images are removed from this run
+    # mm1data outputs / blocklist parquets: their images are removed from this run (duplicate_of_reference,
+    # eval_contamination), and a blocklist's eval texts drop the captions near them (eval_contamination)
+    reference: tuple[str, ...] = ()
+    decontam: CaptionMatch = field(default_factory=CaptionMatch)  # how a caption is matched to an eval text
 
     def __post_init__(self) -> None:
         check(self, "max_distance", ge=0, le=32)
@@ -89,12 +94,15 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
 
 
 def dedup(cfg: Config) -> list:
-    """Later copies of a kept row's URL (dup_url), then of its image bytes (dup_image); the first in input order
-    stays. Then images of dedup.reference (duplicate_of_reference, eval_contamination) and pHash near-duplicates
-    (dup_near_image: the highest clip_score stays, then the first in input order). Checks the references (a
-    ConfigError names a bad one)."""
+    """Captions near an eval text of a dedup.reference blocklist (eval_contamination: every copy, so first), then later
+    copies of a kept row's URL (dup_url), then of its image bytes (dup_image); the first in input order stays. Then
+    images of dedup.reference (duplicate_of_reference, eval_contamination) and pHash near-duplicates (dup_near_image:
+    the highest clip_score stays, then the first in input order). Checks the references (a ConfigError names a bad
+    one)."""
     d = cfg.dedup
     steps: list = []
+    if blocklists(d.reference):  # first: every copy of an eval caption is contamination, not a duplicate
+        steps.append(TextReference("caption", tuple(blocklists(d.reference)), d.decontam))
     if d.url:
         steps.append(ExactDedup("url", "dup_url"))
     if d.image_sha256:

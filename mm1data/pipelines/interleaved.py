@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mm1data.blocklist import blocklists
 from mm1data.config import check, to_dict
+from mm1data.decontam import DocumentMatch, TextReference
 from mm1data.dedup import ExactDedup, FrequentValues, ReferenceImages, check_references, text_fingerprints
 from mm1data.download import DownloadConfig, ImageDownloader
 from mm1data.phash import to_hex
@@ -54,9 +56,14 @@ class InterleavedDedupConfig:
     max_image_docs: int = 10  # dup_image_url: an image URL in more documents is removed everywhere; 0 = off
     max_domain_paragraph: int = 2  # dup_paragraph: a paragraph in more documents of one domain is removed from
     #                                all of them (OBELICS: repeated 3 times in a domain = boilerplate); 0 = off
-    reference: tuple[str, ...] = ()  # mm1data outputs / blocklist parquets: their images leave these documents
+    # mm1data outputs / blocklist parquets: their images leave these documents (duplicate_of_reference,
+    # eval_contamination), and a document holding a blocklist's eval text is dropped (eval_contamination)
+    reference: tuple[str, ...] = ()
     max_distance: int = 8  # pHash Hamming bits to a reference image (as the caption kind's dedup.max_distance)
     image_bands: int = 0  # LSH bands of the 64 bits; 0: max_distance + 1
+    decontam: DocumentMatch = field(
+        default_factory=DocumentMatch
+    )  # how a document is matched to an eval text (13-grams)
 
     def __post_init__(self) -> None:
         check(self, "max_image_docs", ge=0)
@@ -317,11 +324,14 @@ def _doc_images_bounds(cfg: Config) -> tuple[float, float]:
 
 
 def dedup(cfg: Config) -> list:
-    """Document URL (dup_url), then identical image sets (dup_image_set), then images of dedup.reference
-    (duplicate_of_reference, eval_contamination: removed from their documents); then image URLs in more than
+    """Documents holding an eval text of a dedup.reference blocklist (eval_contamination), then document URL
+    (dup_url), then identical image sets (dup_image_set), then images of dedup.reference (duplicate_of_reference,
+    eval_contamination: removed from their documents); then image URLs in more than
     dedup.max_image_docs documents (dup_image_url) and paragraphs in more than dedup.max_domain_paragraph documents
     of a domain (dup_paragraph) are removed everywhere; a document left under doc_images' min gets doc_images."""
     steps: list = []
+    if blocklists(cfg.dedup.reference):  # first: a page holding an eval text goes whole, whatever its copies
+        steps.append(TextReference("texts", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
     if cfg.dedup.url:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_set:

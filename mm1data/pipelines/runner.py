@@ -19,6 +19,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from mm1data import storage
+from mm1data.blocklist import check_reference
 from mm1data.config import ConfigError, check, to_dict
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
@@ -239,6 +240,7 @@ def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | 
             raise ConfigError(f"filter {c.name} needs {', '.join(missing)}, not computed with this config ({how})")
     kind.dedup(cfg)  # builds (and checks: dedup.reference) the dedup steps now, so a bad one fails before Ray starts
     units = plan_units(cfg.input)
+    check_reference(getattr(getattr(cfg, "dedup", None), "reference", ()))  # before Ray: a missing location fails fast
     fingerprint = {
         "input": to_dict(cfg.input),
         "units": hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest(),

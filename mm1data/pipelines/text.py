@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mm1data.blocklist import blocklists
 from mm1data.config import check, to_dict
+from mm1data.decontam import DocumentMatch, TextReference
 from mm1data.dedup import ExactDedup, MinHashConfig, NearDedup, minhash_bands, text_fingerprints
 from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage
 from mm1data.read import TextInputConfig, read_text_unit
@@ -21,6 +23,9 @@ from mm1data.stage import Batch
 class TextDedupConfig:
     exact: bool = True  # drop_reason dup_text: the same normalised text earlier in the input
     minhash: MinHashConfig = field(default_factory=MinHashConfig)  # drop_reason dup_near (MinHash-LSH)
+    reference: tuple[str, ...] = ()
+    # documents holding an eval text of a dedup.reference blocklist (13-gram overlap): drop_reason eval_contamination
+    decontam: DocumentMatch = field(default_factory=DocumentMatch)
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,12 @@ def stages(cfg: Config, cap: Capacity) -> list[Stage]:
 
 
 def dedup(cfg: Config) -> list:
-    """Exact (dup_text), then near duplicates (dup_near) among the rows still kept; the first in input order stays.
+    """Eval contamination (a dedup.reference blocklist's text in the document), then exact (dup_text), then near
+    duplicates (dup_near) among the rows still kept; the first in input order stays.
     The score store gets dup_cluster: the key of the kept document of the row's near-duplicate cluster."""
     steps: list = []
+    if blocklists(cfg.dedup.reference):  # first: every copy of an eval text is contamination, not a duplicate
+        steps.append(TextReference("text", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
     if cfg.dedup.exact:
         steps.append(ExactDedup("text_hash", "dup_text"))
     if cfg.dedup.minhash.enabled:
