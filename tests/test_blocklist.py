@@ -207,5 +207,5 @@ def test_check_reference(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=why) as e:
             check_reference([bl, bad])
-        assert repr(bad) in str(e.value)
+        assert bad in str(e.value)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-mm1data-")]  # the build left no temp file
