@@ -271,7 +271,7 @@ def redecide(t: pa.Table, plan: Plan, filters: list, payload: Any) -> pa.Table:
     module doc). `payload()` reads the part's payload columns, called only when a filter or a stage reads them."""
     old = t["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
     redo = (old == "") | np.isin(old, list(plan.old_names))
-    batch = {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
+    batch = {c: _numpy(t[c]) for c in t.column_names}
     initial = dict(batch)
     batch["drop_reason"] = np.where(redo, "", old).astype(object)
 
@@ -309,6 +309,17 @@ def redecide(t: pa.Table, plan: Plan, filters: list, payload: Any) -> pa.Table:
     for k in changed:
         t = _set_column(t, k, batch[k], plan.types.get(k))
     return t
+
+
+def _numpy(col: pa.ChunkedArray) -> np.ndarray:
+    """A staged column as numpy; an integer column with nulls (a pHash) or a list of integers (image_phash) as Python
+    objects: to_numpy would make them float64, which cannot hold 64 bits (and cannot go back to int64 with NaNs)."""
+    listed = pa.types.is_list(col.type) and pa.types.is_integer(col.type.value_type)
+    if listed or (pa.types.is_integer(col.type) and col.null_count):
+        out = np.empty(len(col), dtype=object)
+        out[:] = col.to_pylist()
+        return out
+    return col.to_numpy(zero_copy_only=False)
 
 
 def _on_rows(fn: Any, batch: dict[str, np.ndarray], rows: np.ndarray) -> Any:
