@@ -107,6 +107,16 @@ def test_text_kind_drops_eval_questions(ray_session, tmp_path):
     index = run_pipeline("pipelines/text.yaml", str(inp), out, sets[:2])
     assert index["funnel"]["dropped"] == {"dup_text": 1}
 
+    # an mm1data output as a reference: the text kind has no images and reads no output's texts; said, not ignored
+    index = run_pipeline(
+        "pipelines/text.yaml", str(inp), str(tmp_path / "out3"), [*sets[:2], f"dedup.reference=[{bl},{out}]"]
+    )
+    assert index["funnel"]["dropped"] == {"eval_contamination": 3}
+    assert [w for w in index["warnings"] if "dedup.reference" in w] == [
+        f"dedup.reference {out} is an mm1data output: the text kind matches only blocklists' eval texts, so it was "
+        "not used"
+    ]
+
     # a bad reference fails before anything is written
     for bad, why in [(str(tmp_path / "nope.parquet"), "does not exist"), (str(tmp_path), "neither")]:
         with pytest.raises(ConfigError, match=why):

@@ -90,6 +90,18 @@ def build_sample(row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
     return TextDoc(row["key"], row["text"], meta).to_members(), tokens
 
 
+def warnings(cfg: Config) -> list[str]:
+    """An mm1data output in dedup.reference is matched by its images (caption, interleaved); a text corpus has none
+    and an output's texts are not read (eval texts come from blocklists): the run says so instead of ignoring it."""
+    ref = cfg.dedup.reference
+    return [
+        f"dedup.reference {loc} is an mm1data output: the text kind matches only blocklists' eval texts, so it was "
+        "not used"
+        for loc in ref
+        if loc not in blocklists(ref)
+    ]
+
+
 KIND = Kind(
     name="text",
     config=Config,
@@ -101,6 +113,7 @@ KIND = Kind(
         "mh_bands": pa.uint64(),
     },
     payload=("text",),
+    warnings=warnings,
     size_col="text_bytes",
     read=read_text_unit,
     stages=stages,
