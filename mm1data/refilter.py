@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from mm1data import storage
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, short, to_dict
 from mm1data.filters import FilterConfig, parse_chain
-from mm1data.pipelines.runner import Capacity
+from mm1data.pipelines.runner import Capacity, unscored
 from mm1data.registry import get_filter
 from mm1data.staging import COMMON_TYPES, mark_staged, pending_units, staging_uri, unit_dir, unit_parts
 
@@ -115,6 +115,7 @@ def refilter(
     cfg = from_dict(kind.config, apply_overrides(raw, sets))
     chain = parse_chain(filters, search_dirs)
     _check_chain(kind, old_cfg, old_chain, chain, source)
+    kind.dedup(cfg)  # builds (and checks: dedup.reference) the dedup steps before Ray starts, as `run` does
 
     units = _units(source, old_cfg)
     prov = index.get("refiltered_from") or {}
@@ -187,15 +188,11 @@ def _units(source: str, cfg: Any) -> list:
 
 
 def _check_chain(kind: Any, cfg: Any, old: tuple[FilterConfig, ...], new: tuple[FilterConfig, ...], src: str) -> None:
-    provided = {c for s in kind.stages(cfg, Capacity()) for c in s.provides}
-    for c in new:
-        missing = sorted(set(get_filter(c.name).needs) - provided)
-        if missing:
-            how = "; ".join(f"{m} needs {kind.enables[m]}" for m in missing if m in kind.enables)
-            raise ConfigError(
-                f"filter {c.name} needs the model score {', '.join(missing)}, which {src} did not stage ({how}): "
-                "refilter does not score; run `mm1data run` with it"
-            )
+    for name, missing, how in unscored(kind, cfg, new):
+        raise ConfigError(
+            f"filter {name} needs the model score {', '.join(missing)}, which {src} did not stage ({how}): "
+            "refilter does not score; run `mm1data run` with it"
+        )
     old_pos = [c for c in old if not get_filter(c.name).scalar]
     new_pos = [c for c in new if not get_filter(c.name).scalar]
     if old_pos != new_pos:

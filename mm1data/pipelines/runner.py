@@ -19,7 +19,6 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from mm1data import storage
-from mm1data.blocklist import check_reference
 from mm1data.config import ConfigError, check, to_dict
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
@@ -229,18 +228,23 @@ def init_ray(address: str | None) -> None:
     progress.quiet_ray()
 
 
-def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
-    """Run (or finish, after a crash) a corpus job; returns the index.json it wrote."""
-    chain = parse_chain(cfg.filters, search_dirs)
+def unscored(kind: Kind, cfg: Any, chain: Iterable[FilterConfig]) -> Iterator[tuple[str, list[str], str]]:
+    """The chain's filters that need a scorer column no stage of this config computes: (filter, the missing columns,
+    which settings would compute them)."""
     provided = {c for s in kind.stages(cfg, Capacity()) for c in s.provides}
     for c in chain:
         missing = sorted(set(get_filter(c.name).needs) - provided)
         if missing:
-            how = "; ".join(f"{m} needs {kind.enables[m]}" for m in missing if m in kind.enables)
-            raise ConfigError(f"filter {c.name} needs {', '.join(missing)}, not computed with this config ({how})")
+            yield c.name, missing, "; ".join(f"{m} needs {kind.enables[m]}" for m in missing if m in kind.enables)
+
+
+def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | None = None) -> dict[str, Any]:
+    """Run (or finish, after a crash) a corpus job; returns the index.json it wrote."""
+    chain = parse_chain(cfg.filters, search_dirs)
+    for name, missing, how in unscored(kind, cfg, chain):
+        raise ConfigError(f"filter {name} needs {', '.join(missing)}, not computed with this config ({how})")
     kind.dedup(cfg)  # builds (and checks: dedup.reference) the dedup steps now, so a bad one fails before Ray starts
     units = plan_units(cfg.input)
-    check_reference(getattr(getattr(cfg, "dedup", None), "reference", ()))  # before Ray: a missing location fails fast
     fingerprint = {
         "input": to_dict(cfg.input),
         "units": hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest(),

@@ -12,7 +12,7 @@ import pyarrow as pa
 from mm1data.blocklist import blocklists
 from mm1data.config import check, to_dict
 from mm1data.decontam import DocumentMatch, TextReference
-from mm1data.dedup import ExactDedup, MinHashConfig, NearDedup, minhash_bands, text_fingerprints
+from mm1data.dedup import ExactDedup, MinHashConfig, NearDedup, check_references, minhash_bands, text_fingerprints
 from mm1data.pipelines.runner import Capacity, Kind, RunConfig, Stage
 from mm1data.read import TextInputConfig, read_text_unit
 from mm1data.schema import TextDoc, count_tokens
@@ -65,6 +65,7 @@ def dedup(cfg: Config) -> list:
     """Eval contamination (a dedup.reference blocklist's text in the document), then exact (dup_text), then near
     duplicates (dup_near) among the rows still kept; the first in input order stays.
     The score store gets dup_cluster: the key of the kept document of the row's near-duplicate cluster."""
+    check_references(cfg.dedup.reference)  # a bad location fails before Ray (outputs: only a warning, see below)
     steps: list = []
     if blocklists(cfg.dedup.reference):  # first: every copy of an eval text is contamination, not a duplicate
         steps.append(TextReference("text", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
