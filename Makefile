@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install browser demo test bench lint
+.PHONY: install browser demo test bench lint gpu-kit
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,3 +39,11 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check mm1data tests bench
+
+# The wheels bench/gpu_check.sh installs on a device machine (no network there; see that script): open_clip and
+# ftfy at this venv's versions, built for the device's x86-64 Python 3.12 (its own torch stays)
+gpu-kit: install
+	rm -rf .gpu_kit
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .gpu_kit \
+		--platform manylinux2014_x86_64 --python-version 3.12 --implementation cp \
+		$$($(PY) -m pip freeze | grep -iE '^(open[-_]clip[-_]torch|ftfy|wcwidth)==')
