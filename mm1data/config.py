@@ -93,6 +93,15 @@ def check(
         raise BadValue(key, value, allowed)
 
 
+def check_pool(cfg: Any, key: str) -> None:
+    """Raise BadValue unless cfg.<key> is an actor pool's size: a count >= 1, or [min, max] with 1 <= min <= max."""
+    value = getattr(cfg, key)
+    if not isinstance(value, tuple):
+        return check(cfg, key, ge=1)
+    if not (len(value) == 2 and all(type(v) is int for v in value) and 1 <= value[0] <= value[1]):
+        raise BadValue(key, list(value), "an integer >= 1 or [min, max] with integers 1 <= min <= max")
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a document whose aliases expand past MAX_YAML_EXPANDED (a "billion laughs":
     a few KB of nested aliases that any walk of the result, a copy, a fingerprint or an error message, would

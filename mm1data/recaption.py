@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mm1data.config import check
+from mm1data.config import check, check_pool
 from mm1data.scorers.clip import ImagePreprocessor, load_clip
 from mm1data.stage import Batch
 
@@ -22,7 +22,8 @@ class RecaptionConfig:
     pretrained: str | None = "mscoco_finetuned_laion2b_s13b_b90k"  # open_clip tag, local path, s3:// URI, or null
     model_config: str | None = None  # path to an extra open_clip model config JSON (custom architectures)
     batch_size: int = 64  # rows per generation call
-    workers: int = 1  # captioning actors
+    # captioning actors: N (at least N; on GPUs up to one per GPU the cluster can reach) or [min, max] (CPU too)
+    workers: int | tuple[int, ...] = 1
     num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto (cuda when visible) | cpu | cuda
@@ -32,7 +33,7 @@ class RecaptionConfig:
 
     def __post_init__(self) -> None:
         check(self, "batch_size", ge=1)
-        check(self, "workers", ge=1)
+        check_pool(self, "workers")
         check(self, "num_gpus", ge=0, optional=True)
         check(self, "precision", choices=("auto", "fp32", "bf16", "fp16"))
         check(self, "device", choices=("auto", "cpu", "cuda"))

@@ -185,17 +185,32 @@ def unit_specs(units: list[Unit]) -> list[dict[str, str]]:
     return [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
 
 
+# Settings of how fast a stage runs, not of what it makes (a section's actors, threads, rows per call): a rerun after
+# a crash may change them (a bigger cluster, more actors) and still resume the rows staged before
+SPEED_KEYS = frozenset({"workers", "threads", "batch_size"})
+
+
+def per_row(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint without SPEED_KEYS in its sections (download.workers, clip.batch_size, ...)."""
+    return {
+        k: {kk: vv for kk, vv in v.items() if kk not in SPEED_KEYS} if isinstance(v, dict) else v
+        for k, v in fingerprint.items()
+    }
+
+
 def check_run(output: str, fingerprint: dict[str, Any], corpus: str) -> str:
     """Claim the output for this run config, or refuse it; returns the output's run id (also in index.json).
 
-    Refused: rows staged with a different per-row config (they would not mix), and files this project did not write
-    (an index.json of another run, files named like our shards, meta parts) in an output we have not claimed.
+    Refused: rows staged with a different per-row config (they would not mix; SPEED_KEYS may differ), and files this
+    project did not write (an index.json of another run, files named like our shards, meta parts) in an output we
+    have not claimed.
     Call it holding the output's lease. Fails fast when the output location cannot be written."""
     uri = staging_uri(output, "run.json")
-    fp = json.loads(json.dumps(fingerprint, default=str))
+    fp = per_row(json.loads(json.dumps(fingerprint, default=str)))
     index = storage.join(output, "index.json")
     if storage.exists(uri):
         old = json.loads(storage.read_bytes(uri))
+        old = per_row(old)  # an older mm1data stored the speed keys too
         diff = sorted(k for k in fp if fp[k] != old.get(k))
         if diff:
             raise ConfigError(

@@ -73,3 +73,25 @@ def test_a_gpu_minimum_the_cluster_cannot_reach_is_refused():
 def test_bad_bounds_are_refused(key):
     with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
         config("caption", key)
+
+
+def test_model_workers_as_min_max():
+    # [min, max]: an elastic pool on CPU too; on GPUs the maximum is cut to what the reachable GPUs hold
+    got = pools(caption.stages(config("caption", "clip.workers=[1,3]"), Capacity(cpus=8, max_cpus=8, max_gpus=0)))
+    assert got["ClipScorer"] == ((1, 3), 0.5, None)
+    assert got["ImageDownloader"] == ((7, 7), 0.5, None)  # the model's minimum is what the downloads leave
+    cap = Capacity(cpus=8, max_cpus=8, max_gpus=4)
+    assert pools(caption.stages(config("caption", "clip.workers=[2,8]"), cap))["ClipScorer"] == ((2, 4), 1.0, 1.0)
+    assert pools(caption.stages(config("caption", "clip.workers=[1,2]"), cap))["ClipScorer"] == ((1, 2), 1.0, 1.0)
+    got = pools(caption.stages(config("caption", "clip.num_gpus=1", "clip.workers=[1,3]"), LOCAL))
+    assert got["ClipScorer"] == ((1, 3), 1.0, 1.0)  # asked for although none is known: as configured
+    got = pools(caption.stages(config("caption", "recaption.enabled=true", "recaption.workers=[1,2]"), LOCAL))
+    assert got["CocaCaptioner"] == ((1, 2), 0.5, None)
+    got = pools(interleaved.stages(config("interleaved", "clip.workers=[1,2]"), LOCAL))
+    assert got["Relevance"] == ((1, 2), 0.5, None)
+
+
+@pytest.mark.parametrize("value", ["0", "[2,1]", "[0,2]", "[1]", "[1,2,3]", "[1,2.5]", "[true,2]", "abc"])
+def test_bad_model_workers_are_refused(value):
+    with pytest.raises(ConfigError, match=r"clip\.workers"):
+        config("caption", f"clip.workers={value}")

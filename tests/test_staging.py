@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from mm1data import staging
+from mm1data.config import ConfigError
 from mm1data.read import InputConfig, plan_units, read_unit
 
 
@@ -106,3 +108,21 @@ def test_hex_phash_columns_become_nullable_int64() -> None:
     )
     assert t["phash"].to_pylist() == [-1, None, 5] and t["phash"].type == pa.int64()
     assert t["image_phash"].to_pylist() == [[None, -(1 << 63)], None, [7]]  # ints as they came
+
+
+def test_a_rerun_may_change_how_fast_but_not_what(tmp_path):
+    out = str(tmp_path / "out")
+    fp = {"download": {"workers": 0, "threads": 32, "batch_size": 256, "image_size": 512}, "clip": {"workers": 1}}
+    run_id = staging.check_run(out, fp, "c")
+    faster = {"download": {"workers": 64, "threads": 8, "batch_size": 64, "image_size": 512}}
+    faster["clip"] = {"workers": [1, 8]}
+    assert staging.check_run(out, faster, "c") == run_id  # more actors on a bigger cluster: the staged rows resume
+    with pytest.raises(ConfigError, match=r"different config \(download differ"):
+        staging.check_run(out, {**fp, "download": {**fp["download"], "image_size": 256}}, "c")
+    # run.json written by an mm1data that kept the speed keys: still resumes, and is still checked
+    uri = staging.staging_uri(out, "run.json")
+    with open(uri, "w") as f:
+        json.dump({**fp, "download": {**fp["download"], "threads": 4}, "run_id": run_id}, f)
+    assert staging.check_run(out, faster, "c") == run_id
+    with pytest.raises(ConfigError, match=r"different config \(clip differ"):
+        staging.check_run(out, {**faster, "clip": {"workers": 1, "model": "other"}}, "c")

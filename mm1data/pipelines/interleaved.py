@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -293,7 +293,7 @@ def stages(cfg: Config, cap: Capacity) -> list[Stage]:
     """Download on an elastic actor pool (threads inside), relevance on its own pool (a GPU each when configured or
     when the cluster can get GPUs), then the document finish after every filter."""
     d = cfg.download
-    r = RelevanceScorerConfig(**to_dict(cfg.clip), min=cfg.relevance.min)
+    r = RelevanceScorerConfig(**{f.name: getattr(cfg.clip, f.name) for f in fields(cfg.clip)}, min=cfg.relevance.min)
     share, pool = download_pool(d.workers, (r,), cap)
     out = [
         Stage(  # -> + image, image_* per position

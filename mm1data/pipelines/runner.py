@@ -148,25 +148,35 @@ def null_weights(section: str, c: Any, output: str) -> list[str]:
     return []
 
 
+def min_workers(c: Any) -> int:
+    """A model stage's fewest actors: `workers` as N or as [min, max]."""
+    return c.workers[0] if isinstance(c.workers, tuple) else c.workers
+
+
 def model_cpus(c: Any, cap: Capacity) -> float:
     """CPUs a model stage's actors hold while the run lasts (at their minimum): a CPU-only actor is counted at 0.5
     (0 if disabled)."""
-    return (1.0 if model_gpus(c, cap) else 0.5) * c.workers if c.enabled else 0.0
+    return (1.0 if model_gpus(c, cap) else 0.5) * min_workers(c) if c.enabled else 0.0
 
 
 def model_pool(c: Any, cap: Capacity) -> tuple[int, int]:
-    """A model stage's actor pool (min, max): `c.workers` at least; on GPUs as many as the GPUs the cluster can reach
-    hold. A CPU-only pool stays at `c.workers`: each actor holds a model copy and its CPU share while idle, and CPU
-    scoring is the small-machine fallback."""
+    """A model stage's actor pool (min, max). `workers: N`: N at least; on GPUs as many as the GPUs the cluster can
+    reach hold, on CPU N (each actor holds a model copy and its CPU share while idle, and CPU scoring is the
+    small-machine fallback). `workers: [min, max]`: as given, the maximum cut to what the GPUs can hold on GPUs."""
     gpus = model_gpus(c, cap)
+    low = min_workers(c)
+    high = c.workers[1] if isinstance(c.workers, tuple) else None
     if not gpus:
-        return c.workers, c.workers
-    if 0 < cap.max_gpus < c.workers * gpus:  # its minimum could never start: the run would wait forever
+        return low, high or low
+    if 0 < cap.max_gpus < low * gpus:  # its minimum could never start: the run would wait forever
         raise ConfigError(
-            f"{c.workers} model actors at {gpus:g} GPU each need {c.workers * gpus:g} GPUs; the cluster can reach "
+            f"{low} model actors at {gpus:g} GPU each need {low * gpus:g} GPUs; the cluster can reach "
             f"{cap.max_gpus:g} (lower `workers` or `num_gpus`, or set cluster.max_gpus)"
         )
-    return c.workers, max(c.workers, int(cap.max_gpus / gpus))
+    if cap.max_gpus <= 0:  # none known (num_gpus set on a cluster that has no GPU yet): as configured
+        return low, high or low
+    reach = int(cap.max_gpus / gpus)
+    return low, max(low, min(high, reach) if high else reach)
 
 
 def model_stage(
@@ -196,7 +206,7 @@ def download_pool(workers: int, models: Iterable[Any], cap: Capacity) -> tuple[f
     filters, staging), or the pipeline starves on a small machine (2 CPUs: one download actor at 0.5 CPU beside a
     CPU-only CLIP actor at 0.5)."""
     models = [c for c in models if c.enabled]
-    taken = sum(c.workers for c in models)
+    taken = sum(min_workers(c) for c in models)
     low = workers or max(1, cap.cpus - taken)
     high = workers or max(low, cap.max_cpus - taken)
     held = sum(model_cpus(c, cap) for c in models)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mm1data import storage
-from mm1data.config import check
+from mm1data.config import check, check_pool
 from mm1data.stage import Batch
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,15 @@ class ClipConfig:
     pretrained: str | None = "openai"  # open_clip tag, local checkpoint path, s3:// URI, or null (random weights)
     model_config: str | None = None  # path to an extra open_clip model config JSON (custom architectures)
     batch_size: int = 256  # rows per scoring call
-    workers: int = 1  # scoring actors
+    # scoring actors: N (at least N; on GPUs up to one per GPU the cluster can reach) or [min, max] (elastic, CPU too)
+    workers: int | tuple[int, ...] = 1
     num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs, else 0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto (cuda when visible) | cpu | cuda
 
     def __post_init__(self) -> None:
         check(self, "batch_size", ge=1)
-        check(self, "workers", ge=1)
+        check_pool(self, "workers")
         check(self, "num_gpus", ge=0, optional=True)
         check(self, "precision", choices=("auto", "fp32", "bf16", "fp16"))
 

@@ -123,6 +123,10 @@ def test_caption_end_to_end_local(ray_session, server, tmp_path):
     again = run_pipeline("pipelines/caption.yaml", str(inp), out, overrides)
     assert again["shards"] == index["shards"] and server.routes["/img/5.jpg"].hits == hits
     assert mtimes == {s["path"]: os.path.getmtime(os.path.join(out, s["path"])) for s in again["shards"]}
+    # more actors, threads or rows per call (a bigger cluster after a crash) still resume: they set how fast, not what
+    faster = ["download.workers=1", "download.threads=3", "download.batch_size=4", "clip.workers=[1,2]"]
+    again = run_pipeline("pipelines/caption.yaml", str(inp), out, [*overrides, *faster, "clip.batch_size=5"])
+    assert again["shards"] == index["shards"] and server.routes["/img/5.jpg"].hits == hits
 
     with pytest.raises(Exception, match="different config"):
         run_pipeline("pipelines/caption.yaml", str(inp), out, [*overrides, "download.image_size=64"])
