@@ -46,13 +46,14 @@ META_ROWS = 1_000_000  # rows per meta parquet part (its task holds one unit's r
 POS_BITS = 40  # pos = unit index << POS_BITS | offset of the row in its unit (a row number or a byte offset)
 ITEM_SLICE = 8192  # rows of a unit turned into item rows at a time (meta_images: a row per image)
 INTERNAL = ("_part", "_row")  # where a row lies in staging: in decided files, not in meta
+CPU_RECHECK_S = 5.0  # how often shard writing reads the cluster's CPUs again (nodes join, the autoscaler adds)
 
 
 @dataclass(frozen=True)
 class ShardConfig:
     samples_per_shard: int = 10_000  # img2dataset's default
     bytes_per_shard: int = 1_000_000_000  # a shard closes before exceeding this
-    workers: int = 0  # parallel shard writers; 0 = one per cluster CPU
+    workers: int = 0  # parallel shard writers; 0 = one per cluster CPU (as it grows; at least the CPUs reachable)
 
     def __post_init__(self) -> None:
         check(self, "samples_per_shard", ge=1)
@@ -121,7 +122,10 @@ def finalize(
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
     payload = (payload_from, kind.payload) if payload_from else None
-    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns, payload)
+    from mm1data.pipelines.runner import cluster_capacity  # (runner imports this module)
+
+    reach = cluster_capacity(cfg).max_cpus if not cfg.shards.workers else 0
+    records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns, payload, reach)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()
     starts = np.array([a for a, _ in ranges], dtype=np.int64)
@@ -487,14 +491,24 @@ def _write_shards(
     workers: int,
     decided_cols: tuple[str, ...] = (),
     payload: tuple[str, tuple[str, ...]] | None = None,
+    reach: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Runs write_shard for every job, at most `workers` at a time (0: one per cluster CPU); -> {name: record}."""
+    """Runs write_shard for every job, at most `workers` at a time; -> {name: record}. `workers` 0: one per CPU the
+    cluster has, read again every few seconds (nodes that join mid-run get shards too), and at least `reach` (the
+    CPUs it can grow to: tasks queued beyond the CPUs there are are what makes the autoscaler add workers)."""
     import ray
 
     records: dict[str, dict[str, Any]] = {}
     if not jobs:
         return records
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    live, n, checked = workers == 0, workers, -float("inf")
+
+    def limit() -> int:
+        nonlocal n, checked
+        if live and time.monotonic() - checked > CPU_RECHECK_S:
+            n, checked = max(1, reach, int(ray.cluster_resources().get("CPU", 1))), time.monotonic()
+        return n
+
     remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
     ids_ref, build_ref = ray.put(ids), ray.put(build)
     pending = []
@@ -506,7 +520,7 @@ def _write_shards(
             bar.update(1)
 
     for name, segments in jobs:
-        if len(pending) >= workers:
+        if len(pending) >= limit():
             done, pending = ray.wait(pending, num_returns=1)
             collect(done)
         pending.append(remote.remote(output, name, ids_ref, segments, build_ref, decided_cols, payload))

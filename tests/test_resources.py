@@ -95,3 +95,38 @@ def test_model_workers_as_min_max():
 def test_bad_model_workers_are_refused(value):
     with pytest.raises(ConfigError, match=r"clip\.workers"):
         config("caption", f"clip.workers={value}")
+
+
+def test_shard_writers_in_flight_follow_the_cluster(ray_session, monkeypatch):
+    # workers 0: one write_shard task in flight per CPU the cluster has, read again as it runs (a node joins: 2 -> 6
+    # CPUs), and at least the CPUs it can reach (queued tasks are the autoscaler's demand); a set number stays fixed
+    import ray
+
+    from mm1data import split
+
+    class Task:  # write_shard done at once: what is measured is how many the driver keeps in flight
+        def remote(self, output, name, *args):
+            return ray.put({"shard": {"path": name}})
+
+    in_flight = []
+    wait = ray.wait
+
+    def counted(pending, **kw):
+        in_flight.append(len(pending))
+        return wait(pending, **kw)
+
+    cpus = iter([2] * 3 + [6] * 100)
+    monkeypatch.setattr(split, "CPU_RECHECK_S", 0.0)
+    monkeypatch.setattr(ray, "remote", lambda **kw: lambda fn: Task())
+    monkeypatch.setattr(ray, "wait", counted)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": next(cpus)})
+    jobs = [(f"s{i}", []) for i in range(30)]
+
+    def peak(**kw) -> int:
+        in_flight.clear()
+        assert sorted(split._write_shards("out", [], jobs, None, **kw)) == sorted(n for n, _ in jobs)
+        return max(in_flight)
+
+    assert peak(workers=0) == 6 and in_flight[0] == 2
+    assert peak(workers=0, reach=8) == 8
+    assert peak(workers=3, reach=8) == 3
