@@ -109,7 +109,7 @@ def refilter(
                 f"refilter --set takes dedup.* and shards.* keys (the rest was fixed when {source} was staged), "
                 f"got {short(key)}"
             )
-    raw = json.loads(json.dumps(index["config"]))
+    raw = kind.upgrade(json.loads(json.dumps(index["config"])))
     old_cfg = from_dict(kind.config, raw)
     old_chain = resolved_chain(raw.get("filters"))
     cfg = from_dict(kind.config, apply_overrides(raw, sets))

@@ -240,3 +240,26 @@ def test_frequent_values_on_ray(ray_session, monkeypatch, group_rows):
     assert got == [(0, "", '["para:x"]'), (1, "", '["para:x"]'), (2, "", '["para:x"]')]  # images left: kept
     cands = step.candidates(pa.table({"repeats": [["x", "x", "y\nz"], None]}), "_s0_")  # a newline is no separator
     assert [json.loads(v) for v in cands["_s0_values"]] == [["x", "y\nz"], []] and cands["_s0_n"].tolist() == [2, 0]
+
+
+def test_the_scorer_keys_under_relevance_still_read_as_clip(caplog):
+    # relevance.model / .pretrained / .enabled was the scorer's form before it became the clip section: a config (or
+    # an older output's index.json, read by refilter) written so still runs, with a warning; clip.* as today's form
+    from mm1data.config import ConfigError
+    from mm1data.pipelines import load_run_config
+
+    sets = [
+        "relevance.model=mm1data-tiny-clip",
+        "relevance.pretrained=null",
+        "relevance.workers=2",
+        "relevance.min=0.2",
+    ]
+    _, cfg = load_run_config("interleaved", sets)
+    assert (cfg.clip.model, cfg.clip.pretrained, cfg.clip.workers) == ("mm1data-tiny-clip", None, 2)
+    assert cfg.relevance.min == 0.2 and "relevance.model" in caplog.text
+    _, cfg = load_run_config("interleaved", ["relevance.enabled=false"])
+    assert (
+        not cfg.clip.enabled and cfg.clip.model == "ViT-B-32"
+    )  # the rest of clip as pipelines/interleaved.yaml has it
+    with pytest.raises(ConfigError, match="relevance.bogus"):
+        load_run_config("interleaved", ["relevance.bogus=1"])

@@ -30,7 +30,7 @@ def load_run_config(path: str | None, overrides: list[str] = (), kind: str | Non
         raise ConfigError(f"unknown pipeline {kind!r} (known: {', '.join(PIPELINES)}); set `pipeline:` in the YAML")
     declared = importlib.import_module(PIPELINES[kind]).KIND
     raw["pipeline"] = kind
-    return declared, from_dict(declared.config, raw)
+    return declared, from_dict(declared.config, declared.upgrade(raw))
 
 
 def resolve_run_config(path: str | None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,6 +30,8 @@ from mm1data.schema import count_tokens
 from mm1data.scorers.clip import DECODE_ERROR, ClipConfig, ClipScorer
 from mm1data.stage import Batch, plain_lists
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RelevanceConfig:
@@ -39,6 +42,25 @@ class RelevanceConfig:
 
     def __post_init__(self) -> None:
         check(self, "min", ge=-1, le=1)  # a cosine: -1 removes nothing; NaN would silently remove nothing too
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """The scorer's keys under `relevance` (relevance.model, .pretrained, .enabled, ...: the form before the scorer
+    became the `clip` section) -> `clip`, over what `clip` has (they were written on purpose), with a warning."""
+    rel = raw.get("relevance")
+    moved = [k for k in rel if k in CLIP_KEYS] if isinstance(rel, dict) else []
+    if moved:
+        log.warning("relevance.%s is clip.%s now: read as such", ", relevance.".join(moved), ", clip.".join(moved))
+        clip = raw.get("clip") if isinstance(raw.get("clip"), dict) else {}
+        raw = {
+            **raw,
+            "clip": {**clip, **{k: rel[k] for k in moved}},
+            "relevance": {k: rel[k] for k in rel if k not in moved},
+        }
+    return raw
+
+
+CLIP_KEYS = {f.name for f in fields(ClipConfig)}
 
 
 @dataclass(frozen=True)
@@ -562,6 +584,7 @@ KIND = Kind(
     funnel=funnel,
     enables={"image_relevance": "clip.enabled: true"},
     warnings=lambda cfg: null_weights("clip", cfg.clip, "image_relevance"),
+    upgrade=upgrade,
     decided=apply_removed,
     decided_columns=("seg_reason",),
     items=("images", image_rows),

@@ -112,6 +112,8 @@ class Kind:
     decided_columns: tuple[str, ...] = ()  # the staged columns `decided` changes: shards take them from its rows
     # a meta part's rows -> the score store's item rows (e.g. one per image), written to meta_{items}/; None: none
     items: tuple[str, Callable[[pa.Table], pa.Table]] | None = None
+    # a raw run config (YAML + --set, or an index.json's) in an older form -> today's form; before validation
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] = lambda raw: raw
 
 
 def cluster_capacity(cfg: RunConfig) -> Capacity:
