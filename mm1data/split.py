@@ -105,6 +105,8 @@ def finalize(
     run config (it goes into index.json); `check` raises if this process no longer holds the output (called before
     index.json); `stages` gets a summary line per step. `payload_from`: the output whose staging holds the payload
     columns (refilter stages rows without them); `provenance` goes into index.json as `refiltered_from`."""
+    from mm1data.pipelines.runner import cluster_capacity  # (runner imports this module)
+
     out = cfg.output
     pos = Positions(units)
     thresholds = percentile_steps(cfg.filters)  # over the rows every per-row stage kept, before dedup
@@ -122,9 +124,7 @@ def finalize(
     names = [shard_name(cfg.corpus, i) for i in range(len(ranges))]
     jobs = [(name, _segments(kept_before, a, b)) for name, (a, b) in zip(names, ranges)]
     payload = (payload_from, kind.payload) if payload_from else None
-    from mm1data.pipelines.runner import cluster_capacity  # (runner imports this module)
-
-    reach = cluster_capacity(cfg).max_cpus if not cfg.shards.workers else 0
+    reach = cluster_capacity(cfg).max_cpus if not cfg.shards.workers else 0  # shard writers in flight, at least
     records = _write_shards(out, pos.ids, jobs, kind.sample, cfg.shards.workers, kind.decided_columns, payload, reach)
     shards = [ShardInfo(**records[n]["shard"]) for n in names]
     t3 = time.perf_counter()

@@ -69,7 +69,7 @@ def _hex_ints(values: np.ndarray, t: pa.DataType) -> np.ndarray:
     from mm1data.phash import from_hex
 
     def one(v):
-        return from_hex(v) if isinstance(v, str) and v else (None if isinstance(v, str) or v is None else v)
+        return (from_hex(v) if v else None) if isinstance(v, str) else v
 
     out = np.empty(len(values), dtype=object)
     if pa.types.is_list(t):

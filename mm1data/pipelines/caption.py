@@ -101,8 +101,10 @@ def dedup(cfg: Config) -> list:
     one)."""
     d = cfg.dedup
     steps: list = []
-    if blocklists(d.reference):  # first: every copy of an eval caption is contamination, not a duplicate
-        steps.append(TextReference("caption", tuple(blocklists(d.reference)), d.decontam))
+    if evals := tuple(
+        blocklists(d.reference)
+    ):  # first: every copy of an eval caption is contamination, not a duplicate
+        steps.append(TextReference("caption", evals, d.decontam))
     if d.url:
         steps.append(ExactDedup("url", "dup_url"))
     if d.image_sha256:

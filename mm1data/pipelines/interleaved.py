@@ -352,8 +352,8 @@ def dedup(cfg: Config) -> list:
     dedup.max_image_docs documents (dup_image_url) and paragraphs in more than dedup.max_domain_paragraph documents
     of a domain (dup_paragraph) are removed everywhere; a document left under doc_images' min gets doc_images."""
     steps: list = []
-    if blocklists(cfg.dedup.reference):  # first: a page holding an eval text goes whole, whatever its copies
-        steps.append(TextReference("texts", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
+    if evals := tuple(blocklists(cfg.dedup.reference)):  # first: a page holding an eval text goes whole
+        steps.append(TextReference("texts", evals, cfg.dedup.decontam))
     if cfg.dedup.url:
         steps.append(ExactDedup("url", "dup_url"))
     if cfg.dedup.image_set:

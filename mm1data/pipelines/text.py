@@ -67,8 +67,8 @@ def dedup(cfg: Config) -> list:
     The score store gets dup_cluster: the key of the kept document of the row's near-duplicate cluster."""
     check_references(cfg.dedup.reference)  # a bad location fails before Ray (outputs: only a warning, see below)
     steps: list = []
-    if blocklists(cfg.dedup.reference):  # first: every copy of an eval text is contamination, not a duplicate
-        steps.append(TextReference("text", tuple(blocklists(cfg.dedup.reference)), cfg.dedup.decontam))
+    if evals := tuple(blocklists(cfg.dedup.reference)):  # first: every copy of an eval text is contamination
+        steps.append(TextReference("text", evals, cfg.dedup.decontam))
     if cfg.dedup.exact:
         steps.append(ExactDedup("text_hash", "dup_text"))
     if cfg.dedup.minhash.enabled:
