@@ -66,3 +66,31 @@ class PeakRSS:
             "peak_private_in": title,
             "rss_pids": len(self.peak_kib),
         }
+
+
+def on_one_actor(cls, cfg, rows: list[dict], out: str, batch: int, unit: str, num_gpus: float = 0) -> None:
+    """A model stage as the pipeline runs it: one actor of a Ray Data actor pool (the model loaded once, in the
+    actor) over `rows`; prints `unit`/s of its `out` column, model load included, and the worker's peak memory."""
+    import time
+
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
+    ds = ds.map_batches(
+        cls, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(size=1), batch_size=batch,
+        num_cpus=0.5, num_gpus=num_gpus, zero_copy_batch=False,
+    )  # fmt: skip
+    with PeakRSS(cls.__name__) as rss:
+        t0 = time.perf_counter()
+        n = sum(len(b[out]) for b in ds.iter_batches(batch_size=None))
+        wall = time.perf_counter() - t0
+    r, rate = rss.result(), n / wall
+    print(
+        f"on a Ray Data actor pool (1 actor, model load included): {rate:,.{0 if rate >= 10 else 3}f} {unit}/s; "
+        f"worker peak RSS "
+        f"{r.get('peak_rss_mib', float('nan')):,.0f} MiB (private {r.get('peak_private_mib', float('nan')):,.0f} MiB)"
+    )
+    ray.shutdown()

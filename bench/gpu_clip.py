@@ -68,30 +68,12 @@ def peak_device_mib(device: str) -> float:
 
 def on_ray(cfg, images: list[bytes], captions: list[str], batch: int, gpu: bool) -> None:
     """The stage as the pipeline runs it: one actor of a Ray Data actor pool (a GPU when there is one)."""
-    import ray
-    from common import PeakRSS
-    from ray.data import ActorPoolStrategy
+    from common import on_one_actor
 
     from mm1data.scorers.clip import ClipScorer
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    items = [{"image": im, "caption": c, "drop_reason": ""} for im, c in zip(images, captions)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch))
-    ds = ds.map_batches(
-        ClipScorer, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(size=1), batch_size=batch,
-        num_cpus=0.5, num_gpus=1 if gpu else 0, zero_copy_batch=False,
-    )  # fmt: skip
-    with PeakRSS("ClipScorer") as rss:
-        t0 = time.perf_counter()
-        n = sum(len(b["clip_score"]) for b in ds.iter_batches(batch_size=None))
-        wall = time.perf_counter() - t0
-    r = rss.result()
-    print(
-        f"on a Ray Data actor pool (1 actor, model load included): {n / wall:,.0f} pairs/s; worker peak RSS "
-        f"{r.get('peak_rss_mib', float('nan')):,.0f} MiB (private {r.get('peak_private_mib', float('nan')):,.0f} MiB)"
-    )
-    ray.shutdown()
+    rows = [{"image": im, "caption": c, "drop_reason": ""} for im, c in zip(images, captions)]
+    on_one_actor(ClipScorer, cfg, rows, "clip_score", batch, "pairs", num_gpus=1 if gpu else 0)
 
 
 def main() -> None:

@@ -101,30 +101,13 @@ def report(label: str, n: int, t: dict[str, float], cores: int) -> None:
 
 def on_ray(cfg, images: list[bytes], batch: int) -> None:
     """The stage as the pipeline runs it: one actor of a Ray Data actor pool (model loaded once, in the actor)."""
-    import ray
-    from common import PeakRSS
-    from ray.data import ActorPoolStrategy
+    from common import on_one_actor
 
     from mm1data.recaption import CocaCaptioner
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = [{"image": im, "drop_reason": ""} for im in images]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch))
-    ds = ds.map_batches(
-        CocaCaptioner, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(size=1), batch_size=batch,
-        num_cpus=0.5, zero_copy_batch=False,
-    )  # fmt: skip
-    with PeakRSS("CocaCaptioner") as rss:
-        t0 = time.perf_counter()
-        n = sum(len(b["syn_caption"]) for b in ds.iter_batches(batch_size=None))
-        wall = time.perf_counter() - t0
-    r = rss.result()
-    print(
-        f"on a Ray Data actor pool (1 actor, model load included): {n / wall:.3f} images/s, worker peak RSS "
-        f"{r.get('peak_rss_mib', float('nan')):,.0f} MiB (private {r.get('peak_private_mib', float('nan')):,.0f} MiB)"
+    on_one_actor(
+        CocaCaptioner, cfg, [{"image": im, "drop_reason": ""} for im in images], "syn_caption", batch, "images"
     )
-    ray.shutdown()
 
 
 def main() -> None:
