@@ -775,7 +775,10 @@ def sha_halves(shas: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     lo = np.zeros(len(shas), dtype=np.uint64)
     for i, s in enumerate(shas):
         if s and len(s) >= 32:
-            hi[i], lo[i] = int(s[:16], 16) or 1, int(s[16:32], 16)
+            try:
+                hi[i], lo[i] = int(s[:16], 16) or 1, int(s[16:32], 16)
+            except ValueError:  # not hex (a foreign reference file): nothing to match by
+                pass
     return hi, lo
 
 
@@ -817,7 +820,10 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
             raise ConfigError(
                 f"dedup.reference: {loc} is neither a blocklist parquet nor an mm1data output (no index.json)"
             )
-        kind = json.loads(storage.read_bytes(index_uri)).get("kind", "")
+        try:
+            kind = json.loads(storage.read_bytes(index_uri)).get("kind", "")
+        except (ValueError, AttributeError) as e:  # not JSON, or not an object
+            raise ConfigError(f"dedup.reference: {index_uri} is not an mm1data index ({type(e).__name__})") from e
         folder = storage.join(loc, "meta_images" if kind == "interleaved" else "meta")
         files = tuple(sorted(f for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")))
         out.append(ImageReference(loc, "output", files, 1, _reference_columns(files[0]) if files else ()))
@@ -837,6 +843,7 @@ def _reference_columns(uri: str) -> tuple[str, ...]:
 
 def _reference_items(t: pa.Table, flag: int) -> dict[str, np.ndarray]:
     """A batch of a reference's rows (meta/, meta_images/ or a blocklist) -> item rows: its kept images' hashes."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     names = t.column_names
@@ -1151,8 +1158,9 @@ class NearImageDedup:
             ph = pc.fill_null(t[self.column], 0).to_numpy().astype(np.int64)
         else:
             has, ph = np.zeros(n, bool), np.zeros(n, np.int64)
-        shas = t[self.sha_column].to_pylist() if self.sha_column in t.column_names and n else [None] * n
-        hi, lo = sha_halves(shas)
+        hi, lo = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
+        if self.references and self.sha_column in t.column_names:  # sha256 is matched against references only
+            hi, lo = sha_halves(t[self.sha_column].to_pylist())
         score = np.full(n, np.nan)
         if self.score_column in t.column_names and n:
             score = pc.fill_null(t[self.score_column], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -225,3 +225,17 @@ def test_a_bucket_over_the_small_size_is_compared_in_blocks(monkeypatch: pytest.
     d = hamming(arr[:, None], arr[None, :])
     want = {(i, j) for i in ids for j in ids if i < j and d[i, j] <= 2}
     assert {(7, 150), (9, 151)} <= want and _edges(out) == want
+
+
+def test_foreign_reference_content_is_no_match_not_a_crash(tmp_path):
+    # a reference whose score store has no image hashes (a text corpus's meta/): no item rows
+    got = dedup._reference_items(pa.table({"drop_reason": ["", "x"]}), 1)
+    assert {k: len(v) for k, v in got.items()} == dict.fromkeys(got, 0)
+    # a sha256 that is not hex: nothing to match by, where it stands; the others still read
+    hi, lo = dedup.sha_halves(["z" * 64, "ab" * 32, None])
+    assert hi.tolist()[0::2] == [0, 0] and lo.tolist()[0::2] == [0, 0] and hi[1] != 0
+    # an index.json that is not JSON: a ConfigError naming it, before anything runs
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="index.json is not an mm1data index"):
+        check_references([str(tmp_path / "out")])
