@@ -84,8 +84,9 @@ def _band_salt(bands: int) -> np.ndarray:
 
 def build_index(locations: list[str], match: CaptionMatch | DocumentMatch) -> tuple[int, dict[str, Any] | None]:
     """Ray task: the text rows of the blocklists -> (how many keys, the eval side: sorted uint64 `keys`, int64
-    `ids` (eval row of each key, ascending within equal keys), the Bloom `bitset`, `texts` and `sources` as Arrow
-    arrays, `lengths`); (0, None) when no item can match (none, or all too short)."""
+    `ids` (eval row of each key, ascending within equal keys), the Bloom `bitset`, `texts` (for a CaptionMatch,
+    which verifies candidates on them; empty for documents) and `sources` as Arrow arrays, `lengths`); (0, None)
+    when no item can match (none, or all too short)."""
     import pyarrow as pa
 
     from mm1data.blocklist import read_texts
@@ -119,7 +120,7 @@ def build_index(locations: list[str], match: CaptionMatch | DocumentMatch) -> tu
         "keys": k[order],
         "bitset": _bitset(k),
         "ids": i[order],
-        "texts": pa.array(texts, pa.string()),
+        "texts": pa.array(texts if isinstance(match, CaptionMatch) else [], pa.string()),  # captions verify
         "sources": pa.array(sources, pa.string()),
         "lengths": lengths,
     }
