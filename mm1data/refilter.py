@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from mm1data import storage
 from mm1data.config import ConfigError, apply_overrides, from_dict, parse_override, short, to_dict
 from mm1data.filters import FilterConfig, parse_chain
+from mm1data.filters.base import cached_chain
 from mm1data.pipelines.runner import Capacity, unscored
 from mm1data.registry import get_filter
 from mm1data.staging import COMMON_TYPES, mark_staged, pending_units, staging_uri, unit_dir, unit_parts
@@ -169,6 +170,8 @@ def _source_index(source: str) -> dict[str, Any]:
         raise ConfigError(f"{source} is no finished mm1data output (its index.json: {type(e).__name__}: {e})") from e
     if not storage.exists(staging_uri(source, "staged.json")):
         raise ConfigError(f"{source} has no complete staging (_staging/staged.json): refilter reads rows from there")
+    if not isinstance(index, dict) or not isinstance(index.get("config"), dict):
+        raise ConfigError(f"{source}/index.json has no run config: refilter decides again from the config it ran")
     return index
 
 
@@ -180,7 +183,10 @@ def _units(source: str, cfg: Any) -> list:
         units = plan_units(cfg.input)
     except ConfigError as e:
         raise ConfigError(f"refilter plans {source}'s units from its input again (no rows are read): {e}") from e
-    run = json.loads(storage.read_bytes(staging_uri(source, "run.json")))
+    try:
+        run = json.loads(storage.read_bytes(staging_uri(source, "run.json")))
+    except Exception as e:  # removed or damaged: nothing says which input the rows were staged from
+        raise ConfigError(f"{source}: its _staging/run.json does not read ({type(e).__name__}: {e})") from e
     digest = hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest()
     if run.get("units") != digest:
         raise ConfigError(f"{cfg.input.path} is no longer the input {source} was staged from (its units differ)")
@@ -239,7 +245,7 @@ def _restage(plan: Plan, units: list) -> None:
 
 def restage_units(batch: dict[str, np.ndarray], plan: Plan) -> dict[str, np.ndarray]:
     """Ray task: units -> their source parts decided again, written under NEW; then each unit's done marker."""
-    filters = [get_filter(c.name)(c) for c in plan.chain]  # once per task: lang loads its model here
+    filters = cached_chain(plan.chain).filters  # once per worker process: lang loads its model there
     rows = []
     for unit in batch["unit"].tolist():
         n = 0
@@ -263,19 +269,39 @@ def restage_units(batch: dict[str, np.ndarray], plan: Plan) -> dict[str, np.ndar
     return {"rows": np.array(rows, dtype=np.int64)}
 
 
+class Columns(dict):
+    """A part's columns by name, its payload columns (image bytes, texts) read on first use, all at once, by `load`:
+    a filter that reads only captions or sizes never reads the part's images."""
+
+    def __init__(self, columns: dict[str, np.ndarray], lazy: tuple[str, ...], load: Any) -> None:
+        super().__init__(columns)
+        self.lazy, self._load = lazy, load
+
+    def __missing__(self, key: str) -> np.ndarray:
+        if key not in self.lazy or self._load is None:
+            raise KeyError(key)
+        load, self._load = self._load, None
+        self.update(load())
+        return self[key]
+
+    def load(self) -> None:
+        if self._load is not None and self.lazy:
+            self.__missing__(self.lazy[0])
+
+
 def redecide(t: pa.Table, plan: Plan, filters: list, payload: Any) -> pa.Table:
     """One staged part (no payload columns) -> the same rows decided again by the new chain's `filters` (see the
     module doc). `payload()` reads the part's payload columns, called only when a filter or a stage reads them."""
     old = t["drop_reason"].to_numpy(zero_copy_only=False).astype(object)
     redo = (old == "") | np.isin(old, list(plan.old_names))
-    batch = {c: _numpy(t[c]) for c in t.column_names}
+
+    def read() -> dict[str, np.ndarray]:
+        p = payload()
+        return {c: p[c].to_numpy(zero_copy_only=False) for c in p.column_names}
+
+    batch = Columns({c: _numpy(t[c]) for c in t.column_names}, plan.payload, read)
     initial = dict(batch)
     batch["drop_reason"] = np.where(redo, "", old).astype(object)
-
-    def with_payload() -> None:
-        if plan.payload[0] not in batch:
-            p = payload()
-            batch.update({c: p[c].to_numpy(zero_copy_only=False) for c in p.column_names})
 
     for f in filters:
         alive = batch["drop_reason"] == ""
@@ -288,7 +314,6 @@ def redecide(t: pa.Table, plan: Plan, filters: list, payload: Any) -> pa.Table:
             s = np.full(len(old), np.nan, np.float32) if staged is None else staged.astype(np.float32)
             need = alive & ((np.isnan(s) & (old != "")) if staged is not None else True)
             if need.any():
-                with_payload()
                 s = s.copy()
                 s[need] = _on_rows(lambda sub, f=f: type(f).score(f, sub), batch, np.flatnonzero(need))
         f.score = lambda b, s=s: s  # this filter's own thresholds (and lang's top-1 rule) on these scores
@@ -299,7 +324,7 @@ def redecide(t: pa.Table, plan: Plan, filters: list, payload: Any) -> pa.Table:
     for fn, cfg, everywhere in plan.after:  # e.g. the hashes of the rows brought back
         rows = np.flatnonzero(kept if everywhere else kept & (old != ""))
         if len(rows):
-            with_payload()
+            batch.load()  # a stage may read the payload by another route than batch[name] (iteration, .get)
             _on_rows(lambda sub, fn=fn, cfg=cfg: fn(sub, cfg=cfg), batch, rows)
         kept = batch["drop_reason"] == ""
     changed = [k for k, v in batch.items() if k not in plan.payload and (k not in initial or v is not initial[k])]
@@ -322,11 +347,12 @@ def _numpy(col: pa.ChunkedArray) -> np.ndarray:
 def _on_rows(fn: Any, batch: dict[str, np.ndarray], rows: np.ndarray) -> Any:
     """fn on the sub-batch of `rows`; the columns it adds or replaces (lang's lang_id, a stage's hashes) are merged
     back into the batch at those rows. -> what fn returned."""
-    sub = {k: v[rows] for k, v in batch.items()}
+    lazy = tuple(k for k in getattr(batch, "lazy", ()) if k not in batch)  # payload not read yet: read on demand
+    sub = Columns({k: v[rows] for k, v in batch.items()}, lazy, lambda: {k: batch[k][rows] for k in lazy})
     before = dict(sub)
     res = fn(sub)
     out = res if isinstance(res, dict) else sub
-    _merge(batch, {k: v for k, v in out.items() if k not in before or v is not before[k]}, rows)
+    _merge(batch, {k: v for k, v in out.items() if k not in lazy and (k not in before or v is not before[k])}, rows)
     return res
 
 

@@ -69,12 +69,17 @@ class FilterChain:
 _CHAINS: dict[str, FilterChain] = {}
 
 
-def apply_chain(batch: Batch, cfg: tuple[FilterConfig, ...]) -> Batch:
-    """FilterChain as a plain Ray task: no actor holds CPUs while idle; models are cached per worker process."""
+def cached_chain(cfg: tuple[FilterConfig, ...]) -> FilterChain:
+    """The FilterChain of `cfg`, built once per worker process (lang loads its model once, not per task)."""
     key = repr(cfg)
     if key not in _CHAINS:
         _CHAINS[key] = FilterChain(cfg)
-    return plain_lists(_CHAINS[key](batch))
+    return _CHAINS[key]
+
+
+def apply_chain(batch: Batch, cfg: tuple[FilterConfig, ...]) -> Batch:
+    """FilterChain as a plain Ray task: no actor holds CPUs while idle; models are cached per worker process."""
+    return plain_lists(cached_chain(cfg)(batch))
 
 
 def parse_chain(spec: str | tuple | list, search_dirs: tuple[str, ...] = ()) -> tuple[FilterConfig, ...]:

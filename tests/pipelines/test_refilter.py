@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import boto3
 import numpy as np
@@ -256,6 +257,15 @@ def test_refilter_refusals_and_rerun(source, tmp_path):
     with pytest.raises(ConfigError, match="different config"):
         refilter(source["out"], _chain(tmp_path, "[{name: caption_words, min: 7}]"), new)
     assert main(["refilter", source["out"], "--filters", chain, "--output", source["out"]]) == 2
+    # a source whose run.json or index.json config is gone: a ConfigError naming it, before anything runs
+    broken = tmp_path / "broken"
+    shutil.copytree(source["out"], broken, ignore=shutil.ignore_patterns("*.tar", "rows"))
+    os.remove(broken / "_staging" / "run.json")
+    with pytest.raises(ConfigError, match=r"run\.json does not read"):
+        refilter(str(broken), chain, str(tmp_path / "z"))
+    (broken / "index.json").write_text(json.dumps({"kind": "caption"}))
+    with pytest.raises(ConfigError, match="has no run config"):
+        refilter(str(broken), chain, str(tmp_path / "z"))
 
 
 def test_refilter_s3_round_trip(ray_session, s3_server, tmp_path):
@@ -348,3 +358,33 @@ def test_refilter_interleaved(ray_session, tmp_path):
         with pytest.raises(ConfigError, match="position-level filters .* img_min_side differs"):
             refilter(src, _chain(tmp_path, "[{name: doc_images, min: 1}]"), new + "3")
         assert hits(srv) == before
+
+
+def test_redecide_reads_the_payload_only_for_a_filter_that_reads_it():
+    # a part of 3 staged rows; its payload (the images) lives in the source's staging and costs a read per part
+    from mm1data.filters import Filter, FilterConfig
+    from mm1data.refilter import Plan, redecide
+    from mm1data.registry import get_filter
+
+    class ImageBytes(Filter):  # a filter that reads the payload
+        name = "image_bytes"
+
+        def score(self, batch):
+            return np.array([len(b) for b in batch["image"]])
+
+    part = pa.table({"key": ["a", "b", "c"], "caption": ["one two three", "one", "x y"], "drop_reason": ["", "", ""]})
+    reads = []
+
+    def payload() -> pa.Table:
+        reads.append(1)
+        return pa.table({"image": [b"A", b"B", b"C"]})
+
+    def run(*filters) -> pa.Table:
+        return redecide(part, Plan("src", "src", "new", ("image",), frozenset(), (), (), {}), list(filters), payload)
+
+    t = run(get_filter("caption_words")(FilterConfig("caption_words", min=2)))  # captions only: no image is read
+    assert reads == [] and t["drop_reason"].to_pylist() == ["", "caption_words", ""]
+    assert "image" not in t.column_names and t["caption_words"].to_pylist() == [3, 1, 2]
+    t = run(ImageBytes(FilterConfig("image_bytes", max=0)), get_filter("caption_words")(FilterConfig("caption_words")))
+    assert reads == [1] and t["drop_reason"].to_pylist() == ["image_bytes"] * 3  # read once for the part
+    assert "image" not in t.column_names
