@@ -79,6 +79,7 @@ _NOT_LISTED = (
     ("no_image", "parquet rows without image bytes (not listed)"),
     ("other_members", "tar members that are not images (not listed)"),
     ("other_files", "files of another type (not listed)"),
+    ("blocklists", "mm1data blocklists in the source, e.g. an earlier build's output (not read)"),
 )
 
 
@@ -136,7 +137,10 @@ def plan(source: str, opts: BuildOptions) -> tuple[list[tuple], Summary]:
         if low.endswith(".tar"):
             tasks.append(("tar", uri, rel))
         elif low.endswith(".parquet"):
-            tasks += [("parquet", uri, rel, g, cols) for g, cols in _parquet_groups(uri, opts)]
+            groups = _parquet_groups(uri, opts)
+            if groups is None:
+                summary.counts["blocklists"] += 1
+            tasks += [("parquet", uri, rel, g, cols) for g, cols in groups or ()]
         elif low.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             if not opts.text_cols:
                 raise ConfigError(f"{uri}: a jsonl source needs --text-col (which field holds the eval text)")
@@ -150,12 +154,16 @@ def plan(source: str, opts: BuildOptions) -> tuple[list[tuple], Summary]:
     return tasks, summary
 
 
-def _parquet_groups(uri: str, opts: BuildOptions) -> list[tuple[int, tuple[str | None, tuple[str, ...]]]]:
+def _parquet_groups(uri: str, opts: BuildOptions) -> list[tuple[int, tuple[str | None, tuple[str, ...]]]] | None:
+    """(row group, (image column, text columns)) of each row group; None for a blocklist this module wrote (an
+    output kept beside its source is not an input of the next build)."""
     try:
         with storage.open_seekable(uri) as f:
             md = pq.ParquetFile(f).metadata
     except Exception as e:
         raise ConfigError(f"cannot read parquet {uri!r}: {clip(e)}") from e
+    if META_KEY in (md.metadata or {}):
+        return None
     names = md.schema.to_arrow_schema().names
     image = opts.image_col or ("image" if "image" in names else None)
     missing = [c for c in ([opts.image_col] if opts.image_col else []) + list(opts.text_cols) if c not in names]

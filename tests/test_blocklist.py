@@ -209,3 +209,16 @@ def test_check_reference(tmp_path):
             check_reference([bl, bad])
         assert bad in str(e.value)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-mm1data-")]  # the build left no temp file
+
+
+def test_a_blocklist_written_into_its_source_is_not_read_by_the_next_build(tmp_path):
+    # `blocklist build vqa/ -o vqa/bl.parquet`, twice: the second build reads the source, not the first's output
+    src = tmp_path / "vqa"
+    src.mkdir()
+    pq.write_table(pa.table({"image": [jpeg(seed=40)], "question": ["What is on the table?"]}), src / "q.parquet")
+    out = str(src / "bl.parquet")
+    build(str(src), out, BuildOptions(text_cols=("question",)))
+    first = rows(out)
+    summary = build(str(src), out, BuildOptions(text_cols=("question",)))
+    assert rows(out) == first and len(first) == 2
+    assert summary.counts["blocklists"] == 1
