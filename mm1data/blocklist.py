@@ -324,14 +324,6 @@ def is_blocklist(uri: str) -> bool:
         return False
 
 
-def check_reference(locations: tuple[str, ...] | list[str]) -> None:
-    """Every `dedup.reference` location exists and is a blocklist parquet or an mm1data output (index.json);
-    else a ConfigError naming it. Called before Ray starts (the image side's check, shared by every kind)."""
-    from mm1data.dedup import check_references
-
-    check_references(locations)
-
-
 def blocklists(locations: tuple[str, ...] | list[str]) -> list[str]:
     """The blocklist parquets among `dedup.reference` locations (the rest are mm1data outputs)."""
     return [loc for loc in locations if loc.endswith(".parquet")]

@@ -787,7 +787,6 @@ class ImageReference:
     """A dedup.reference location, checked: an mm1data output (its score store's image rows) or a blocklist."""
 
     uri: str
-    kind: str  # output | blocklist
     files: tuple[str, ...]  # the parquet files holding its image hashes
     flag: int  # 1 output, 2 blocklist (the reason: REF_REASONS)
     columns: tuple[str, ...] = ()  # the columns of those files that _reference_items reads
@@ -813,7 +812,7 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
                 ok = False
             if not ok:
                 raise ConfigError(f"dedup.reference: {loc} is not a blocklist parquet (mm1data blocklist build)")
-            out.append(ImageReference(loc, "blocklist", (loc,), 2, _reference_columns(loc)))
+            out.append(ImageReference(loc, (loc,), 2, _reference_columns(loc)))
             continue
         index_uri = storage.join(loc, "index.json")
         if not storage.exists(index_uri):
@@ -826,7 +825,7 @@ def check_references(locations: Sequence[str]) -> tuple[ImageReference, ...]:
             raise ConfigError(f"dedup.reference: {index_uri} is not an mm1data index ({type(e).__name__})") from e
         folder = storage.join(loc, "meta_images" if kind == "interleaved" else "meta")
         files = tuple(sorted(f for f in storage.list_files(folder, recursive=False) if f.endswith(".parquet")))
-        out.append(ImageReference(loc, "output", files, 1, _reference_columns(files[0]) if files else ()))
+        out.append(ImageReference(loc, files, 1, _reference_columns(files[0]) if files else ()))
     return tuple(out)
 
 

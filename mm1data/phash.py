@@ -39,10 +39,8 @@ _WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)  # fi
 
 def grey32(image: Image.Image, fast: bool = False) -> np.ndarray:
     """The 32x32 uint8 grey image imagehash hashes (fast: box-reduced first, see the module docstring)."""
-    grey = image.convert("L")
-    if fast:
-        return np.asarray(grey.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP))
-    return np.asarray(grey.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS))
+    gap = _REDUCING_GAP if fast else None  # None: PIL's default, what imagehash gets
+    return np.asarray(image.convert("L").resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS, reducing_gap=gap))
 
 
 def _corner_scipy(pixels: np.ndarray) -> np.ndarray:

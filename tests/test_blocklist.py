@@ -16,9 +16,10 @@ import pytest
 from conftest import jpeg, png_bomb
 from PIL import Image
 
-from mm1data.blocklist import SCHEMA, BuildOptions, build, check_reference, is_blocklist
+from mm1data.blocklist import SCHEMA, BuildOptions, build, is_blocklist
 from mm1data.cli import main
 from mm1data.config import ConfigError
+from mm1data.dedup import check_references
 from mm1data.phash import phash
 
 
@@ -188,17 +189,17 @@ def test_s3_source_and_output(s3_server, tmp_path):
         ("image", "img/b.png", *expected(b), None),
     ]
     assert (summary.counts["image"], summary.counts["text"]) == (2, 1)
-    check_reference(["s3://evals/bl/nocaps.parquet"])  # a blocklist on S3 is a valid reference
+    check_references(["s3://evals/bl/nocaps.parquet"])  # a blocklist on S3 is a valid reference
 
 
-def test_check_reference(tmp_path):
+def test_check_references(tmp_path):
     bl = str(tmp_path / "bl.parquet")
     (tmp_path / "q.jsonl").write_text('{"q": "What is it?"}\n')
     build(str(tmp_path / "q.jsonl"), bl, BuildOptions(text_cols=("q",)))
     out = tmp_path / "output"
     out.mkdir()
     (out / "index.json").write_text("{}")
-    check_reference([bl, str(out)])
+    check_references([bl, str(out)])
     pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
     for bad, why in [
         (str(tmp_path / "missing.parquet"), "does not exist"),
@@ -206,7 +207,7 @@ def test_check_reference(tmp_path):
         (str(tmp_path), "neither a blocklist parquet nor an mm1data output"),
     ]:
         with pytest.raises(ConfigError, match=why) as e:
-            check_reference([bl, bad])
+            check_references([bl, bad])
         assert bad in str(e.value)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-mm1data-")]  # the build left no temp file
 

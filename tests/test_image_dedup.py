@@ -141,7 +141,7 @@ def test_check_references_names_a_bad_location(tmp_path) -> None:
         check_references([str(tmp_path / "gone.parquet")])
     bl = _blocklist(tmp_path / "bl.parquet", [{"phash": 5}])
     (ref,) = check_references([bl])
-    assert (ref.kind, ref.flag, ref.files) == ("blocklist", 2, (bl,))
+    assert (ref.flag, ref.files) == (2, (bl,))  # 2: a blocklist (REF_REASONS: eval_contamination)
 
 
 def test_near_image_dedup_on_ray_keeps_the_best_score_then_input_order(ray_session, tmp_path) -> None:
