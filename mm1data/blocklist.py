@@ -109,7 +109,7 @@ def build(source: str, output: str, opts: BuildOptions = BuildOptions()) -> Summ
 def plan(source: str, opts: BuildOptions) -> tuple[list[tuple], Summary]:
     """-> (tasks in source order, the summary with the files of other types counted). Parquet footers are read
     here (a task per row group) and their columns checked, so a wrong column name fails before any hashing."""
-    from mm1data.read import input_root
+    from mm1data.read import input_root, source_name
 
     try:
         files = storage.list_sizes(source)
@@ -123,7 +123,7 @@ def plan(source: str, opts: BuildOptions) -> tuple[list[tuple], Summary]:
     tasks: list[tuple] = []
     images: list[tuple[str, str]] = []
     for uri, _ in files:
-        rel = uri[len(root) :].lstrip("/") if root and uri.startswith(root) else os.path.basename(uri)
+        rel = source_name(uri, root)
         low = uri.lower()
         if low.endswith(IMAGE_EXTS):
             images.append((uri, rel))

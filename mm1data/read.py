@@ -21,6 +21,7 @@ import csv
 import datetime
 import decimal
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -191,7 +192,7 @@ def list_inputs(cfg: AnyInputConfig) -> list[tuple[str, str, str, int]]:
             continue  # _SUCCESS, .crc and other non-data files in a dataset directory
         if fmt == "html" and not isinstance(cfg, InterleavedInputConfig):
             continue  # web pages are documents of the interleaved kind only
-        out.append((f, _source(f, root), fmt, size))
+        out.append((f, source_name(f, root), fmt, size))
     if not out:
         raise ConfigError(
             f"no input files found at {cfg.path!r} (parquet, jsonl[.gz], csv, tsv, warc[.gz], wet[.gz], html)"
@@ -210,8 +211,14 @@ def input_root(path: str, files: list[tuple[str, int]]) -> str:
     return root
 
 
-def _source(uri: str, root: str) -> str:
+def source_name(uri: str, root: str) -> str:
+    """A file's name as rows cite it (`source`): its path under the input root, else its base name."""
     return uri[len(root) :].lstrip("/") if root and uri.startswith(root) else os.path.basename(uri)
+
+
+def units_digest(units: list[Unit]) -> str:
+    """What the run's fingerprint (run.json) keeps of its units: their ids, hashed in order."""
+    return hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest()
 
 
 # ---- planning: metadata only ---------------------------------------------------------------------------------
@@ -957,7 +964,7 @@ def _html_pages(unit: Unit, max_bytes: int, skip: set[int]) -> Iterator[tuple[in
     for i, f in enumerate(unit.files):
         if unit.start + i in skip:
             continue
-        source = _source(f, unit.uri)
+        source = source_name(f, unit.uri)
         with storage.open_read(f) as fh:
             body = fh.read(max_bytes + 1)
         yield unit.start + i, _page(body, "", None, max_bytes, source=source)

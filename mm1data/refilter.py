@@ -30,7 +30,6 @@ How a row is decided again:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import io
 import json
@@ -47,6 +46,7 @@ from mm1data.config import ConfigError, apply_overrides, from_dict, parse_overri
 from mm1data.filters import FilterConfig, parse_chain
 from mm1data.filters.base import cached_chain
 from mm1data.pipelines.runner import Capacity, unscored
+from mm1data.read import units_digest
 from mm1data.registry import get_filter
 from mm1data.staging import COMMON_TYPES, mark_staged, pending_units, staging_uri, unit_dir, unit_parts
 
@@ -138,11 +138,10 @@ def refilter(
         after=after,
         types={**COMMON_TYPES, **kind.columns},
     )
-    units_digest = hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest()
     fingerprint = {
         "source": source,
         "source_run_id": index.get("run_id"),
-        "units": units_digest,  # as a run's run.json has it: a refilter of NEW checks it
+        "units": units_digest(units),  # as a run's run.json has it: a refilter of NEW checks it
         "filters": [c.per_row() for c in chain],  # the percentiles are decided in finalize, from NEW's staging
         "after": json.dumps([to_dict(c) for _, c, _ in after], default=str, sort_keys=True),
     }
@@ -187,8 +186,7 @@ def _units(source: str, cfg: Any) -> list:
         run = json.loads(storage.read_bytes(staging_uri(source, "run.json")))
     except Exception as e:  # removed or damaged: nothing says which input the rows were staged from
         raise ConfigError(f"{source}: its _staging/run.json does not read ({type(e).__name__}: {e})") from e
-    digest = hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest()
-    if run.get("units") != digest:
+    if run.get("units") != units_digest(units):
         raise ConfigError(f"{cfg.input.path} is no longer the input {source} was staged from (its units differ)")
     return units
 

@@ -9,7 +9,6 @@ fingerprint, resume, the per-row half on Ray Data, the corpus-wide half (split.p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +22,7 @@ from mm1data.config import ConfigError, check, to_dict
 from mm1data.filters import FilterConfig, apply_chain, parse_chain
 from mm1data.lease import OutputLease
 from mm1data.progress import Progress, StageSummary
-from mm1data.read import Unit, plan_units
+from mm1data.read import Unit, plan_units, units_digest
 from mm1data.registry import get_filter
 from mm1data.shards import check_corpus_name
 from mm1data.split import SampleBuilder, ShardConfig, finalize
@@ -259,7 +258,7 @@ def run(kind: Kind, cfg: Any, search_dirs: tuple[str, ...] = (), address: str | 
     units = plan_units(cfg.input)
     fingerprint = {
         "input": to_dict(cfg.input),
-        "units": hashlib.sha256("\n".join(u.id for u in units).encode()).hexdigest(),
+        "units": units_digest(units),
         "filters": [c.per_row() for c in chain],  # not the percentiles: a new one redoes only the corpus-wide half
         **kind.fingerprint(cfg),
     }
