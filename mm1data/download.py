@@ -356,8 +356,8 @@ class Decoded:
     height: int
     orig_width: int
     orig_height: int
-    orig_format: str = ""  # the fetched image's format, lowercased PIL name: jpeg, png, webp, gif, ...
-    phash: int = 0  # pHash (mm1data.phash, as imagehash.phash) of the stored pixels: after the resize, before encoding
+    orig_format: str  # the fetched image's format, lowercased PIL name: jpeg, png, webp, gif, ...
+    phash: int  # pHash (mm1data.phash, as imagehash.phash) of the stored pixels: after the resize, before encoding
 
 
 def target_size(w: int, h: int, cfg: DownloadConfig) -> tuple[int, int]:
@@ -455,6 +455,11 @@ OUT_COLUMNS = (
 )
 
 
+def _failed(status: int, reason: str, nbytes: int, seconds: float, attempts: int) -> tuple:
+    """An OUT_COLUMNS row without an image: a failed fetch or decode (reason), or a row not fetched (reason "")."""
+    return (b"", "", 0, 0, 0, 0, "", status, reason, nbytes, seconds, attempts, "", "")
+
+
 class ImageDownloader:
     """Fetches batch["url"] for rows not yet dropped.
 
@@ -496,31 +501,16 @@ class ImageDownloader:
                 to_hex(img.phash),
             )
         except FetchError as e:
-            status = e.status or status
-            attempts = getattr(e, "attempts", attempts or 1)
-            return (b"", "", 0, 0, 0, 0, "", status, e.reason, nbytes, time.monotonic() - t0, attempts, "", "")
+            return _failed(
+                e.status or status, e.reason, nbytes, time.monotonic() - t0, getattr(e, "attempts", attempts or 1)
+            )
         except Exception:  # a per-URL surprise must not fail the batch: record it as data and go on
             log.warning("unexpected error fetching %r", url, exc_info=True)
-            return (
-                b"",
-                "",
-                0,
-                0,
-                0,
-                0,
-                "",
-                status,
-                "fetch_error",
-                nbytes,
-                time.monotonic() - t0,
-                attempts or 1,
-                "",
-                "",
-            )
+            return _failed(status, "fetch_error", nbytes, time.monotonic() - t0, attempts or 1)
 
     def __call__(self, batch: Batch) -> Batch:
         todo = batch["drop_reason"] == ""
-        skipped = (b"", "", 0, 0, 0, 0, "", 0, "", 0, 0.0, 0, "", "")
+        skipped = _failed(0, "", 0, 0.0, 0)
         futures = [self.pool.submit(self._one, str(u)) if t else None for u, t in zip(batch["url"], todo)]
         rows = [f.result() if f is not None else skipped for f in futures]
         cols = list(zip(*rows)) if rows else [()] * len(OUT_COLUMNS)
